@@ -1,0 +1,127 @@
+//! The one error type of the crate.
+
+use burn::tensor::Device;
+
+/// Why a merge (or a single [`slerp`](crate::slerp)) was refused.
+///
+/// Every variant is returned before anything is computed, except [`MergeError::NonFinite`],
+/// which needs the data: then the partly built output is dropped and the inputs are untouched.
+/// `path` is the dotted module path of the parameter (`encoder.layers.2.weight`); for the free
+/// function [`slerp`](crate::slerp) it is empty.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum MergeError {
+    /// The interpolation factor `t` is NaN, infinite, below 0 or above 1.
+    #[error("interpolation factor t must be a finite number in [0, 1], got {t}")]
+    InvalidT {
+        /// The rejected value.
+        t: f64,
+    },
+
+    /// A configuration field other than `t` is out of its range (`eps` must be finite and
+    /// at least 0; `dot_threshold` must be `None` or finite in (0, 1]).
+    #[error("configuration field `{field}` is out of range: {value}")]
+    InvalidConfig {
+        /// Name of the field (`eps`, `dot_threshold`).
+        field: &'static str,
+        /// The rejected value.
+        value: f64,
+    },
+
+    /// The two tensors at one path have different shapes (shapes that would merely broadcast,
+    /// such as `[2, 3]` and `[1, 3]`, are mismatches too).
+    #[error("shape mismatch in {}: a has shape {a:?}, b has shape {b:?}", show(path))]
+    ShapeMismatch {
+        /// Parameter path.
+        path: String,
+        /// Shape in model `a`.
+        a: Vec<usize>,
+        /// Shape in model `b`.
+        b: Vec<usize>,
+    },
+
+    /// The same path holds different kinds of parameter in the two models (for instance a float
+    /// tensor in `a` and an int tensor in `b`).
+    #[error("parameter kind mismatch in {}: a has a {a} parameter, b has a {b} parameter", show(path))]
+    KindMismatch {
+        /// Parameter path.
+        path: String,
+        /// Kind in model `a` (`float`, `int`, `bool` or `flag`).
+        a: &'static str,
+        /// Kind in model `b`.
+        b: &'static str,
+    },
+
+    /// Model `a` has a parameter that model `b` lacks.
+    #[error("{} is in model a but missing from model b", show(path))]
+    MissingParam {
+        /// Parameter path.
+        path: String,
+    },
+
+    /// Model `b` has a parameter that model `a` lacks.
+    #[error("{} is in model b but not in model a", show(path))]
+    UnexpectedParam {
+        /// Parameter path.
+        path: String,
+    },
+
+    /// A NaN or infinite value was found in `a` or `b` at this path.
+    #[error("non-finite value (NaN or infinity) in {}", show(path))]
+    NonFinite {
+        /// Parameter path.
+        path: String,
+    },
+
+    /// The two tensors at one path live on different devices.
+    #[error("device mismatch in {}: a is on {a:?}, b is on {b:?}", show(path))]
+    DeviceMismatch {
+        /// Parameter path.
+        path: String,
+        /// Device of the tensor in model `a`.
+        a: Device,
+        /// Device of the tensor in model `b`.
+        b: Device,
+    },
+
+    /// A float tensor has a data type the merge cannot compute in (quantized tensors).
+    #[error("{} has data type {dtype}, which cannot be merged (dequantize it first)", show(path))]
+    UnsupportedDType {
+        /// Parameter path.
+        path: String,
+        /// The data type, as Burn prints it.
+        dtype: String,
+    },
+}
+
+/// How a path is named in messages: `parameter `a.b``, or `the tensor` for the free function.
+fn show(path: &str) -> String {
+    if path.is_empty() {
+        "the tensor".to_string()
+    } else {
+        format!("parameter `{path}`")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_the_parameter_and_the_data() {
+        let e = MergeError::ShapeMismatch {
+            path: "fc.weight".into(),
+            a: vec![2, 3],
+            b: vec![1, 3],
+        };
+        assert_eq!(
+            e.to_string(),
+            "shape mismatch in parameter `fc.weight`: a has shape [2, 3], b has shape [1, 3]"
+        );
+        let e = MergeError::NonFinite { path: String::new() };
+        assert_eq!(
+            e.to_string(),
+            "non-finite value (NaN or infinity) in the tensor"
+        );
+    }
+}

@@ -1,0 +1,65 @@
+#![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![doc(test(attr(deny(warnings))))]
+
+//! # burn-slerp
+//!
+//! Merges two [Burn](https://burn.dev) modules of one architecture by spherical linear
+//! interpolation (SLERP) of every float parameter, on whatever device the models live on.
+//!
+//! Burn 0.22 moved the backend from a type parameter to the device: a tensor's backend is its
+//! [`Device`](burn::tensor::Device). So [`SlerpMerger`] has no backend parameter; a model on
+//! `Device::wgpu(..)` is merged on the GPU, a model on `Device::flex()` on the CPU.
+//!
+//! ## Quick start
+//!
+//! ```
+//! use burn::nn::LinearConfig;
+//! use burn_slerp::{SlerpConfig, SlerpMerger};
+//! # let device = burn::tensor::Device::flex();
+//! let (a, b) = (LinearConfig::new(4, 2).init(&device), LinearConfig::new(4, 2).init(&device));
+//! let merged = SlerpMerger::new(SlerpConfig::new(0.5))?.merge(&a, &b)?;
+//! # Ok::<(), burn_slerp::MergeError>(())
+//! ```
+//!
+//! ## Core types
+//!
+//! * [`SlerpConfig`]: `t`, [`Granularity`], [`Method`], `dot_threshold`, `eps` (a Burn
+//!   [`Config`](burn::config::Config): builder and JSON).
+//! * [`SlerpMerger`]: validates the configuration once, then [`SlerpMerger::merge`]s modules.
+//! * [`slerp`]: the same contract for one pair of tensors.
+//! * [`MergeError`]: every refusal, naming the parameter.
+//!
+//! ## Numerics
+//!
+//! For each pair of float tensors (or each pair of rows, with [`Granularity::Row`]):
+//! `cos = a·b / (‖a‖‖b‖)`, `θ = 2·atan2(‖â − b̂‖, ‖â + b̂‖)` and
+//! `out = c0·a + c1·b` with `c0 = (1−t)·sinc((1−t)θ)/sinc θ`, `c1 = t·sinc(tθ)/sinc θ`, which
+//! tends to linear interpolation as θ → 0 with no threshold. Norms and dot products are summed
+//! in f64 where the device supports it, otherwise in scaled f32 blocks combined in f64; the
+//! coefficients are computed in f64. Zero tensors (norm ≤ `eps`) and antiparallel pairs
+//! (`cos < −0.9995`) are linearly interpolated; NaN or infinity is an error. `t = 0` and `t = 1`
+//! return the inputs bit for bit. With `dot_threshold: Some(0.9995)` the merge reproduces
+//! mergekit's `slerp`.
+//!
+//! ## Feature flags
+//!
+//! | feature | backend | device |
+//! |---|---|---|
+//! | `flex` (default) | burn-flex, CPU | `Device::flex()` |
+//! | `ndarray` | burn-ndarray, CPU (deprecated upstream) | `Device::ndarray()` |
+//! | `wgpu` | burn-wgpu: Vulkan, Metal, DX12, GL | `Device::wgpu(Default::default())` |
+
+mod config;
+mod error;
+mod merger;
+mod slerp;
+
+pub use config::{Granularity, Method, SlerpConfig};
+pub use error::MergeError;
+pub use merger::SlerpMerger;
+pub use slerp::slerp;
+
+#[cfg(all(doctest, feature = "flex"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -1,0 +1,60 @@
+//! The whole suite, once per enabled backend: `flex::…`, `ndarray::…`, `wgpu::…`.
+
+mod common;
+
+macro_rules! device_suite {
+    ($name:ident, $device:expr) => {
+        mod $name {
+            #[allow(deprecated)] // Device::ndarray() is deprecated upstream; we still test it
+            fn device() -> burn::tensor::Device {
+                $device
+            }
+            device_suite!(@cases;
+                t0_is_a_bit_exact,
+                t1_is_b_bit_exact,
+                whole_model_matches_reference,
+                row_granularity_matches_reference,
+                lerp_method_is_linear,
+                orthogonal_pair_follows_the_circle,
+                zero_tensor_gives_lerp,
+                antiparallel_gives_lerp,
+                identical_and_colinear_give_lerp,
+                small_angles_are_continuous,
+                huge_values_do_not_overflow,
+                accuracy_bar_at_ten_million,
+                half_precision_is_f32_rounded_once,
+                f64_tensors_are_computed_in_f64,
+                invalid_t_is_error,
+                invalid_config_is_error,
+                shape_mismatch_is_error,
+                broadcastable_shape_is_mismatch,
+                missing_and_unexpected_params_are_errors,
+                kind_mismatch_is_error,
+                non_finite_is_error,
+                device_mismatch_is_error,
+                error_messages_name_the_parameter,
+                inputs_are_unchanged,
+                discrete_params_and_flags_come_from_a,
+                autodiff_params_are_fresh_leaves,
+                swapping_inputs_mirrors_t,
+                results_stay_finite,
+                angle_to_a_grows_with_t,
+            );
+        }
+    };
+    (@cases; $($case:ident),+ $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                crate::common::$case(&device());
+            }
+        )+
+    };
+}
+
+#[cfg(feature = "flex")]
+device_suite!(flex, burn::tensor::Device::flex());
+#[cfg(feature = "ndarray")]
+device_suite!(ndarray, burn::tensor::Device::ndarray());
+#[cfg(feature = "wgpu")]
+device_suite!(wgpu, burn::tensor::Device::wgpu(Default::default()));
