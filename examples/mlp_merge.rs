@@ -74,7 +74,10 @@ impl Split {
     }
 
     fn tensors(&self, device: &Device) -> (Tensor<2>, Tensor<1, Int>) {
-        let x = Tensor::from_data(TensorData::new(self.x.clone(), [self.len(), FEATURES]), device);
+        let x = Tensor::from_data(
+            TensorData::new(self.x.clone(), [self.len(), FEATURES]),
+            device,
+        );
         let y = Tensor::from_data(TensorData::new(self.y.clone(), [self.len()]), device);
         (x, y)
     }
@@ -89,7 +92,9 @@ fn gaussian(rng: &mut ChaCha8Rng) -> f32 {
 /// 8 clusters with random centres; the noise makes them overlap a little.
 fn data(seed: u64, per_class: usize) -> (Split, Split) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let centres: Vec<f32> = (0..CLASSES * FEATURES).map(|_| gaussian(&mut rng)).collect();
+    let centres: Vec<f32> = (0..CLASSES * FEATURES)
+        .map(|_| gaussian(&mut rng))
+        .collect();
     let mut sample = |n: usize| {
         let mut split = Split {
             x: Vec::new(),
@@ -98,7 +103,9 @@ fn data(seed: u64, per_class: usize) -> (Split, Split) {
         for i in 0..n * CLASSES {
             let class = i % CLASSES;
             for f in 0..FEATURES {
-                split.x.push(centres[class * FEATURES + f] + 0.9 * gaussian(&mut rng));
+                split
+                    .x
+                    .push(centres[class * FEATURES + f] + 1.5 * gaussian(&mut rng));
             }
             split.y.push(class as i64);
         }
@@ -192,11 +199,11 @@ fn main() -> Result<(), MergeError> {
 
     // 2. A base trained briefly on everything, then two fine-tunes of it.
     device.seed(seed);
-    let base = train(Mlp::new(&device), &train_all, 30, 3e-3, &device);
-    let tuned_a = train(base.clone(), &first, 150, 3e-3, &device);
-    let tuned_b = train(base.clone(), &second, 150, 3e-3, &device);
+    let base = train(Mlp::new(&device), &train_all, 10, 3e-3, &device);
+    let tuned_a = train(base.clone(), &first, 100, 2e-3, &device);
+    let tuned_b = train(base.clone(), &second, 100, 2e-3, &device);
     let (acc, loss) = evaluate(&base, &test, &device);
-    println!("base (30 steps on all classes): accuracy {acc:.3}, loss {loss:.3}");
+    println!("base (10 steps on all classes): accuracy {acc:.3}, loss {loss:.3}");
 
     // 3. The spectrum between the two fine-tunes.
     println!("\nfine-tune A (classes 0-3) at t = 0 ... fine-tune B (classes 4-7) at t = 1");
@@ -204,8 +211,16 @@ fn main() -> Result<(), MergeError> {
     println!("-----+-----------+------------+----------+----------");
     for step in 0..=10 {
         let t = step as f64 / 10.0;
-        let (sa, sl) = evaluate(&merge_at(&tuned_a, &tuned_b, t, Method::Slerp)?, &test, &device);
-        let (la, ll) = evaluate(&merge_at(&tuned_a, &tuned_b, t, Method::Lerp)?, &test, &device);
+        let (sa, sl) = evaluate(
+            &merge_at(&tuned_a, &tuned_b, t, Method::Slerp)?,
+            &test,
+            &device,
+        );
+        let (la, ll) = evaluate(
+            &merge_at(&tuned_a, &tuned_b, t, Method::Lerp)?,
+            &test,
+            &device,
+        );
         println!("{t:>4.1} | {sa:>9.3} | {sl:>10.3} | {la:>8.3} | {ll:>9.3}");
     }
 
@@ -215,7 +230,11 @@ fn main() -> Result<(), MergeError> {
     let lone_b = train(Mlp::new(&device), &second, 180, 3e-3, &device);
     let (ea, _) = evaluate(&lone_a, &test, &device);
     let (eb, _) = evaluate(&lone_b, &test, &device);
-    let (sa, sl) = evaluate(&merge_at(&lone_a, &lone_b, 0.5, Method::Slerp)?, &test, &device);
+    let (sa, sl) = evaluate(
+        &merge_at(&lone_a, &lone_b, 0.5, Method::Slerp)?,
+        &test,
+        &device,
+    );
     println!(
         "\nindependently initialised pair (accuracy {ea:.3} and {eb:.3} alone): SLERP at t = 0.5 \
          gives accuracy {sa:.3}, loss {sl:.3}. Merging presumes relatives."

@@ -107,6 +107,39 @@ mod tests {
     }
 
     #[test]
+    fn json_round_trip_is_bit_exact() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let file =
+            std::env::temp_dir().join(format!("burn-slerp-config-{}.json", std::process::id()));
+        for i in 0..500 {
+            let config = SlerpConfig::new(rng.random::<f64>())
+                .with_eps(rng.random::<f64>() * 10f64.powi(-rng.random_range(0..20)))
+                .with_dot_threshold((i % 3 != 0).then(|| 1.0 - rng.random::<f64>() * 1e-3))
+                .with_granularity(if i % 2 == 0 {
+                    Granularity::Tensor
+                } else {
+                    Granularity::Row
+                })
+                .with_method(if i % 5 == 0 {
+                    Method::Lerp
+                } else {
+                    Method::Slerp
+                });
+            config.save(&file).unwrap();
+            let loaded = SlerpConfig::load(&file).unwrap();
+            assert_eq!(loaded.t.to_bits(), config.t.to_bits());
+            assert_eq!(loaded.eps.to_bits(), config.eps.to_bits());
+            assert_eq!(
+                loaded.dot_threshold.map(f64::to_bits),
+                config.dot_threshold.map(f64::to_bits)
+            );
+            assert_eq!(loaded, config);
+        }
+        std::fs::remove_file(&file).unwrap();
+    }
+
+    #[test]
     fn ranges_are_enforced() {
         for t in [f64::NAN, f64::INFINITY, -f64::INFINITY, -1e-12, 1.0 + 1e-12] {
             assert!(matches!(
@@ -126,7 +159,9 @@ mod tests {
         assert!(SlerpConfig::new(0.5).with_eps(0.0).validate().is_ok());
         for th in [0.0, -0.5, 1.0 + 1e-9, f64::NAN, f64::INFINITY] {
             assert!(matches!(
-                SlerpConfig::new(0.5).with_dot_threshold(Some(th)).validate(),
+                SlerpConfig::new(0.5)
+                    .with_dot_threshold(Some(th))
+                    .validate(),
                 Err(MergeError::InvalidConfig {
                     field: "dot_threshold",
                     ..

@@ -30,7 +30,10 @@ pub enum MergeError {
 
     /// The two tensors at one path have different shapes (shapes that would merely broadcast,
     /// such as `[2, 3]` and `[1, 3]`, are mismatches too).
-    #[error("shape mismatch in {}: a has shape {a:?}, b has shape {b:?}", show(path))]
+    #[error(
+        "shape mismatch in {}: a has shape {a:?}, b has shape {b:?}",
+        show(path)
+    )]
     ShapeMismatch {
         /// Parameter path.
         path: String,
@@ -42,7 +45,10 @@ pub enum MergeError {
 
     /// The same path holds different kinds of parameter in the two models (for instance a float
     /// tensor in `a` and an int tensor in `b`).
-    #[error("parameter kind mismatch in {}: a has a {a} parameter, b has a {b} parameter", show(path))]
+    #[error(
+        "parameter kind mismatch in {}: a has a {a} parameter, b has a {b} parameter",
+        show(path)
+    )]
     KindMismatch {
         /// Parameter path.
         path: String,
@@ -78,14 +84,17 @@ pub enum MergeError {
     DeviceMismatch {
         /// Parameter path.
         path: String,
-        /// Device of the tensor in model `a`.
-        a: Device,
+        /// Device of the tensor in model `a` (boxed: a device is large).
+        a: Box<Device>,
         /// Device of the tensor in model `b`.
-        b: Device,
+        b: Box<Device>,
     },
 
     /// A float tensor has a data type the merge cannot compute in (quantized tensors).
-    #[error("{} has data type {dtype}, which cannot be merged (dequantize it first)", show(path))]
+    #[error(
+        "{} has data type {dtype}, which cannot be merged (dequantize it first)",
+        show(path)
+    )]
     UnsupportedDType {
         /// Parameter path.
         path: String,
@@ -118,7 +127,9 @@ mod tests {
             e.to_string(),
             "shape mismatch in parameter `fc.weight`: a has shape [2, 3], b has shape [1, 3]"
         );
-        let e = MergeError::NonFinite { path: String::new() };
+        let e = MergeError::NonFinite {
+            path: String::new(),
+        };
         assert_eq!(
             e.to_string(),
             "non-finite value (NaN or infinity) in the tensor"

@@ -19,6 +19,7 @@
 //! # let device = burn::tensor::Device::flex();
 //! let (a, b) = (LinearConfig::new(4, 2).init(&device), LinearConfig::new(4, 2).init(&device));
 //! let merged = SlerpMerger::new(SlerpConfig::new(0.5))?.merge(&a, &b)?;
+//! assert_eq!(merged.weight.dims(), [4, 2]); // Burn stores Linear weights as [d_input, d_output]
 //! # Ok::<(), burn_slerp::MergeError>(())
 //! ```
 //!

@@ -30,6 +30,7 @@ use crate::{MergeError, SlerpConfig};
 /// # let device = burn::tensor::Device::flex();
 /// let (a, b) = (LinearConfig::new(4, 2).init(&device), LinearConfig::new(4, 2).init(&device));
 /// let merged = SlerpMerger::new(SlerpConfig::new(0.5))?.merge(&a, &b)?;
+/// assert_eq!(merged.weight.dims(), [4, 2]); // Burn stores Linear weights as [d_input, d_output]
 /// # Ok::<(), burn_slerp::MergeError>(())
 /// ```
 #[derive(Debug, Clone)]
@@ -217,8 +218,8 @@ fn check_structure<M: Module>(a: &M, b: &M) -> Result<(), MergeError> {
         {
             return Err(MergeError::DeviceMismatch {
                 path: path.clone(),
-                a: da.clone(),
-                b: db.clone(),
+                a: Box::new(da.clone()),
+                b: Box::new(db.clone()),
             });
         }
         for dtype in [slot_a.dtype, slot_b.dtype].into_iter().flatten() {
@@ -227,7 +228,11 @@ fn check_structure<M: Module>(a: &M, b: &M) -> Result<(), MergeError> {
     }
     let a_paths: std::collections::HashSet<&str> =
         in_a.order.iter().map(|(p, _)| p.as_str()).collect();
-    if let Some((path, _)) = in_b.order.iter().find(|(p, _)| !a_paths.contains(p.as_str())) {
+    if let Some((path, _)) = in_b
+        .order
+        .iter()
+        .find(|(p, _)| !a_paths.contains(p.as_str()))
+    {
         return Err(MergeError::UnexpectedParam { path: path.clone() });
     }
     Ok(())
@@ -346,10 +351,7 @@ impl ModuleMapper for SlerpMapper<'_> {
         param
     }
 
-    fn map_int<const D: usize>(
-        &mut self,
-        param: Param<Tensor<D, Int>>,
-    ) -> Param<Tensor<D, Int>> {
+    fn map_int<const D: usize>(&mut self, param: Param<Tensor<D, Int>>) -> Param<Tensor<D, Int>> {
         self.take_discrete(param)
     }
 

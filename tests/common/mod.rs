@@ -86,7 +86,7 @@ pub fn net(device: &Device, seed: u64) -> Net {
         ),
         mask: Param::initialized(
             ParamId::new(),
-            Tensor::from_data(TensorData::from([seed % 2 == 0, true]), device),
+            Tensor::from_data(TensorData::from([seed.is_multiple_of(2), true]), device),
         ),
         width: 42,
     };
@@ -184,7 +184,12 @@ fn floats(bits: &[u32]) -> Vec<f64> {
 
 /// The independent f64 reference of one pair of vectors.
 pub fn reference(a: &[f64], b: &[f64], t: f64, eps: f64, threshold: Option<f64>) -> Vec<f64> {
-    let lerp = || -> Vec<f64> { a.iter().zip(b).map(|(x, y)| (1.0 - t) * x + t * y).collect() };
+    let lerp = || -> Vec<f64> {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (1.0 - t) * x + t * y)
+            .collect()
+    };
     let na = a.iter().map(|x| x * x).sum::<f64>().sqrt();
     let nb = b.iter().map(|x| x * x).sum::<f64>().sqrt();
     if na <= eps || nb <= eps {
@@ -194,8 +199,18 @@ pub fn reference(a: &[f64], b: &[f64], t: f64, eps: f64, threshold: Option<f64>)
     if threshold.is_some_and(|th| cos.abs() > th) || cos < -(1.0 - 5e-4) {
         return lerp();
     }
-    let minus = a.iter().zip(b).map(|(x, y)| (x / na - y / nb).powi(2)).sum::<f64>().sqrt();
-    let plus = a.iter().zip(b).map(|(x, y)| (x / na + y / nb).powi(2)).sum::<f64>().sqrt();
+    let minus = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x / na - y / nb).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let plus = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x / na + y / nb).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let theta = 2.0 * minus.atan2(plus);
     if theta == 0.0 {
         return lerp();
@@ -319,7 +334,11 @@ pub fn row_granularity_matches_reference(device: &Device) {
     }
     // A 1-D tensor in row mode is n one-element rows: exactly lerp.
     let (va, vb) = (floats(&da["bn.beta"].1), floats(&db["bn.beta"].1));
-    let lerp: Vec<f64> = va.iter().zip(&vb).map(|(x, y)| 0.65 * x + 0.35 * y).collect();
+    let lerp: Vec<f64> = va
+        .iter()
+        .zip(&vb)
+        .map(|(x, y)| 0.65 * x + 0.35 * y)
+        .collect();
     let got: Vec<f32> = dm["bn.beta"].1.iter().map(|b| f32::from_bits(*b)).collect();
     assert!(rel_l2(&got, &lerp) <= 1e-7);
     // And row mode differs from tensor mode on a 2-D weight (the angles are per row).
@@ -442,10 +461,18 @@ pub fn small_angles_are_continuous(device: &Device) {
         assert!(rel_l2(&out, &want) <= 1e-6, "delta {delta}");
         let mk = SlerpConfig::new(0.5).with_dot_threshold(Some(0.9995));
         let out = run(device, &a, &b, &mk);
-        assert!(rel_l2(&out, &lerp64(&a, &b, 0.5)) <= 1e-7, "mergekit delta {delta}");
+        assert!(
+            rel_l2(&out, &lerp64(&a, &b, 0.5)) <= 1e-7,
+            "mergekit delta {delta}"
+        );
     }
     // Far from parallel, mergekit mode equals exact SLERP.
-    let out = run(device, &a, &c, &SlerpConfig::new(0.5).with_dot_threshold(Some(0.9995)));
+    let out = run(
+        device,
+        &a,
+        &c,
+        &SlerpConfig::new(0.5).with_dot_threshold(Some(0.9995)),
+    );
     let want = reference(&to64(&a), &to64(&c), 0.5, 1e-8, None);
     assert!(rel_l2(&out, &want) <= 1e-6);
 }
@@ -521,7 +548,9 @@ pub fn half_precision_is_f32_rounded_once(device: &Device) {
             let got: Vec<f32> = out.into_data().iter::<f32>().collect();
             let want: Vec<f32> = via32.into_data().iter::<f32>().collect();
             assert!(
-                got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
+                got.iter()
+                    .zip(&want)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
                 "{dtype:?} {granularity:?}"
             );
         }
@@ -540,7 +569,12 @@ pub fn f64_tensors_are_computed_in_f64(device: &Device) {
     let out = slerp(a, b, &SlerpConfig::new(0.6)).unwrap();
     assert_eq!(out.dtype(), DType::F64);
     let got: Vec<f64> = out.into_data().iter::<f64>().collect();
-    let err: f64 = got.iter().zip(&want).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt()
+    let err: f64 = got
+        .iter()
+        .zip(&want)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt()
         / want.iter().map(|y| y * y).sum::<f64>().sqrt();
     assert!(err <= 1e-13, "{err:e}");
 }
@@ -777,7 +811,7 @@ pub fn device_mismatch_is_error(device: &Device) {
     let err = merger(0.5).merge(&a, &b).unwrap_err();
     assert!(
         matches!(&err, MergeError::DeviceMismatch { path, a, b }
-            if path == "weight" && a == device && b == &other),
+            if path == "weight" && **a == *device && **b == other),
         "{err}"
     );
     assert!(matches!(
@@ -812,7 +846,10 @@ pub fn inputs_are_unchanged(device: &Device) {
         let merged = merger(t).merge(&a, &b).unwrap();
         // The merged running stats really differ from a's, so aliasing would show.
         if t == 0.4 {
-            assert_ne!(dump(&merged)["bn.running_mean"], before_a["bn.running_mean"]);
+            assert_ne!(
+                dump(&merged)["bn.running_mean"],
+                before_a["bn.running_mean"]
+            );
         }
         drop(merged);
     }
@@ -839,7 +876,10 @@ pub fn discrete_params_and_flags_come_from_a(device: &Device) {
     assert!(!merged.dropout.training.val().is_enabled());
     assert_eq!(merged.width, 42);
     // Every float param keeps a's id.
-    assert_eq!(merged.blocks[1].attn.query.weight.id, a.blocks[1].attn.query.weight.id);
+    assert_eq!(
+        merged.blocks[1].attn.query.weight.id,
+        a.blocks[1].attn.query.weight.id
+    );
     assert_eq!(merged.bn.gamma.id, a.bn.gamma.id);
     // And stays on the device.
     assert_eq!(merged.devices(), vec![device.clone()]);
@@ -861,9 +901,7 @@ pub fn autodiff_params_are_fresh_leaves(device: &Device) {
     assert!(a.weight.grad(&grads).is_none());
     assert!(b.weight.grad(&grads).is_none());
     // Values equal those merged without autodiff.
-    let inner = merger(0.5)
-        .merge(&a.valid(), &b.valid())
-        .unwrap();
+    let inner = merger(0.5).merge(&a.valid(), &b.valid()).unwrap();
     assert_eq!(dump(&merged), dump(&inner));
     // A frozen `a` gives frozen merged params.
     let frozen = a.clone().no_grad();
@@ -903,7 +941,10 @@ pub fn swapping_inputs_mirrors_t(device: &Device) {
             let fwd = run(device, &a, &b, &SlerpConfig::new(t));
             let back = run(device, &b, &a, &SlerpConfig::new(1.0 - t));
             let err = rel_l2(&fwd, &to64(&back));
-            prop_assert!(err <= 1e-6 || to64(&back).iter().all(|x| *x == 0.0), "{err:e}");
+            prop_assert!(
+                err <= 1e-6 || to64(&back).iter().all(|x| *x == 0.0),
+                "{err:e}"
+            );
             Ok(())
         })
         .unwrap();
@@ -928,8 +969,16 @@ pub fn angle_to_a_grows_with_t(device: &Device) {
         let (x, y) = (to64(x), to64(y));
         let nx = x.iter().map(|v| v * v).sum::<f64>().sqrt();
         let ny = y.iter().map(|v| v * v).sum::<f64>().sqrt();
-        let minus = x.iter().zip(&y).map(|(p, q)| (p / nx - q / ny).powi(2)).sum::<f64>();
-        let plus = x.iter().zip(&y).map(|(p, q)| (p / nx + q / ny).powi(2)).sum::<f64>();
+        let minus = x
+            .iter()
+            .zip(&y)
+            .map(|(p, q)| (p / nx - q / ny).powi(2))
+            .sum::<f64>();
+        let plus = x
+            .iter()
+            .zip(&y)
+            .map(|(p, q)| (p / nx + q / ny).powi(2))
+            .sum::<f64>();
         2.0 * minus.sqrt().atan2(plus.sqrt())
     };
     let strategy = (2usize..200).prop_flat_map(|n| {
