@@ -53,6 +53,7 @@
 
 mod config;
 mod error;
+mod kernels;
 mod merger;
 mod slerp;
 
@@ -60,6 +61,8 @@ pub use config::{Granularity, Method, SlerpConfig};
 pub use error::MergeError;
 pub use merger::SlerpMerger;
 pub use slerp::slerp;
+#[doc(hidden)]
+pub use slerp::slerp_generic;
 
 #[cfg(all(doctest, feature = "flex"))]
 #[doc = include_str!("../README.md")]

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use burn::module::{Flag, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Bool, DType, Device, Int, Tensor};
 
-use crate::slerp::{Leaf, check_dtype, interpolate, same_device};
+use crate::slerp::{Leaf, Path, check_dtype, interpolate, same_device};
 use crate::{MergeError, SlerpConfig};
 
 /// Merges two Burn modules of one architecture by SLERP of every float parameter.
@@ -335,16 +335,18 @@ impl ModuleMapper for SlerpMapper<'_> {
         let leaf = self.originals.leaves.get(&path).copied();
         let config = self.config;
         let mut merged = None;
-        let param = param.map(|a| match interpolate(a.clone(), *other, config) {
-            Some(out) => {
-                merged = Some(());
-                match leaf {
-                    Some(leaf) => leaf.restore(out),
-                    None => out,
+        let param = param.map(
+            |a| match interpolate(a.clone(), *other, config, Path::Auto) {
+                Some(out) => {
+                    merged = Some(());
+                    match leaf {
+                        Some(leaf) => leaf.restore(out),
+                        None => out,
+                    }
                 }
-            }
-            None => a,
-        });
+                None => a,
+            },
+        );
         if merged.is_none() {
             self.non_finite = Some(path);
         }

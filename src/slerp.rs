@@ -4,6 +4,7 @@
 
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 
+use crate::kernels;
 use crate::{Granularity, MergeError, Method, SlerpConfig};
 
 /// `cos θ` below `-(1 - ANTIPARALLEL_MARGIN)` counts as antiparallel: the geodesic is undefined at
@@ -59,6 +60,26 @@ pub fn slerp<const D: usize>(
     b: Tensor<D>,
     config: &SlerpConfig,
 ) -> Result<Tensor<D>, MergeError> {
+    slerp_on(a, b, config, Path::Auto)
+}
+
+/// [`slerp`] on the generic tensor-op path only, bypassing the fused kernels: the reference the
+/// tests hold the kernels to.
+#[doc(hidden)]
+pub fn slerp_generic<const D: usize>(
+    a: Tensor<D>,
+    b: Tensor<D>,
+    config: &SlerpConfig,
+) -> Result<Tensor<D>, MergeError> {
+    slerp_on(a, b, config, Path::Generic)
+}
+
+fn slerp_on<const D: usize>(
+    a: Tensor<D>,
+    b: Tensor<D>,
+    config: &SlerpConfig,
+    path: Path,
+) -> Result<Tensor<D>, MergeError> {
     config.validate()?;
     let (shape_a, shape_b) = (a.dims().to_vec(), b.dims().to_vec());
     if shape_a != shape_b {
@@ -80,7 +101,7 @@ pub fn slerp<const D: usize>(
         check_dtype(dtype, "")?;
     }
     let leaf = Leaf::of(&a);
-    let out = interpolate(a.inner(), b.inner(), config).ok_or(MergeError::NonFinite {
+    let out = interpolate(a.inner(), b.inner(), config, path).ok_or(MergeError::NonFinite {
         path: String::new(),
     })?;
     Ok(leaf.restore(out))
@@ -241,6 +262,7 @@ pub(crate) fn interpolate<const D: usize>(
     a: Tensor<D>,
     b: Tensor<D>,
     config: &SlerpConfig,
+    path: Path,
 ) -> Option<Tensor<D>> {
     let out_dtype = a.dtype();
     if config.t == 0.0 {
@@ -254,48 +276,85 @@ pub(crate) fn interpolate<const D: usize>(
     if n == 0 {
         return Some(a);
     }
+    let rows = dims[0];
+    // One angle per row, or one for the whole tensor. Row granularity with one-element rows
+    // (1-D tensors) is exactly lerp, like the lerp method; both need the statistics only for the
+    // finiteness check, and one tensor-wide reduction serves it.
+    let per_row = config.granularity == Granularity::Row
+        && config.method == Method::Slerp
+        && rows > 1
+        && n / rows > 1;
+    let (k, force_lerp) = if per_row {
+        (rows, false)
+    } else {
+        (1, config.granularity == Granularity::Row)
+    };
     // f64 tensors are computed in f64; f32, f16 and bf16 in f32, rounded once at the end.
     let compute = if out_dtype == DType::F64 {
         FloatDType::F64
     } else {
         FloatDType::F32
     };
+    let fused = path == Path::Auto && kernels::route(&a, &b);
     let (a, b) = (a.cast(compute), b.cast(compute));
-    let device = a.device();
-    let rows = dims[0];
-    let per_row = config.granularity == Granularity::Row
-        && config.method == Method::Slerp
-        && rows > 1
-        && n / rows > 1;
 
-    let out = if per_row {
-        let cols = n / rows;
-        let (a2, b2): (Tensor<2>, Tensor<2>) = (a.reshape([rows, cols]), b.reshape([rows, cols]));
-        let stats = row_stats(a2.clone(), b2.clone());
-        let mut c0 = Vec::with_capacity(rows);
-        let mut c1 = Vec::with_capacity(rows);
-        for s in stats {
-            let c = coefficients(s, config)?;
-            c0.push(c.c0);
-            c1.push(c.c1);
+    let stats = if fused {
+        kernels::stats(a.clone(), b.clone(), k)
+            .chunks_exact(3)
+            .map(|v| PairStats {
+                aa: v[0],
+                bb: v[1],
+                ab: v[2],
+            })
+            .collect()
+    } else if per_row {
+        row_stats(
+            a.clone().reshape([rows, n / rows]),
+            b.clone().reshape([rows, n / rows]),
+        )
+    } else {
+        vec![tensor_stats(a.clone().reshape([n]), b.clone().reshape([n]))]
+    };
+    let mut coeffs = Vec::with_capacity(k);
+    for s in stats {
+        let mut c = coefficients(s, config)?;
+        if force_lerp {
+            (c.c0, c.c1) = (1.0 - config.t, config.t);
         }
+        coeffs.push(c);
+    }
+
+    if fused {
+        let flat = coeffs
+            .iter()
+            .flat_map(|c| [c.c0 as f32, c.c1 as f32])
+            .collect();
+        return Some(kernels::combine(a, b, flat));
+    }
+    let out = if per_row {
+        let device = a.device();
         let column = |values: Vec<f64>| -> Tensor<2> {
             let data = TensorData::new(values, [rows, 1]).convert_dtype(compute.into());
             Tensor::from_data(data, &device)
         };
-        a2.mul(column(c0)).add(b2.mul(column(c1))).reshape(dims)
+        let c0 = column(coeffs.iter().map(|c| c.c0).collect());
+        let c1 = column(coeffs.iter().map(|c| c.c1).collect());
+        let (a2, b2): (Tensor<2>, Tensor<2>) =
+            (a.reshape([rows, n / rows]), b.reshape([rows, n / rows]));
+        a2.mul(c0).add(b2.mul(c1)).reshape(dims)
     } else {
-        // Row granularity with one-element rows (1-D tensors) is exactly lerp, and lerp needs
-        // the statistics only for the finiteness check: one tensor-wide reduction serves both.
-        let stats = tensor_stats(a.clone().reshape([n]), b.clone().reshape([n]));
-        let mut c = coefficients(stats, config)?;
-        if config.granularity == Granularity::Row {
-            c.c0 = 1.0 - config.t;
-            c.c1 = config.t;
-        }
-        a.mul_scalar(c.c0).add(b.mul_scalar(c.c1))
+        a.mul_scalar(coeffs[0].c0).add(b.mul_scalar(coeffs[0].c1))
     };
     Some(out.cast(out_dtype))
+}
+
+/// Which implementation `interpolate` may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Path {
+    /// The fused kernels where [`kernels::route`] allows, the generic tensor ops elsewhere.
+    Auto,
+    /// The generic tensor ops everywhere.
+    Generic,
 }
 
 /// Whole-tensor statistics of two flat tensors.
@@ -356,17 +415,7 @@ fn row_stats(a: Tensor<2>, b: Tensor<2>) -> Vec<PairStats> {
 /// f64 `sum` of 1e7 elements came out with a relative error of 0.99 while its f32 sum was
 /// accurate to 5e-8.
 fn native_f64(device: &Device) -> bool {
-    #[cfg(feature = "flex")]
-    if *device == Device::flex() {
-        return true;
-    }
-    #[cfg(feature = "ndarray")]
-    #[allow(deprecated)] // burn-ndarray is deprecated upstream but still supported here
-    if *device == Device::ndarray() {
-        return true;
-    }
-    let _ = device;
-    false
+    kernels::cpu_backend(device)
 }
 
 /// Per-row statistics in f32 that cannot overflow: each row is divided by its largest

@@ -15,7 +15,7 @@ use burn::nn::{
     LayerNormConfig, Linear, LinearConfig,
 };
 use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor, TensorData};
-use burn_slerp::{Granularity, MergeError, Method, SlerpConfig, SlerpMerger, slerp};
+use burn_slerp::{Granularity, MergeError, Method, SlerpConfig, SlerpMerger, slerp, slerp_generic};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 use rand::{Rng, SeedableRng};
@@ -506,10 +506,21 @@ pub fn accuracy_bar_at_ten_million(device: &Device) {
         .map(|(x, y)| x + 0.45 * y)
         .collect();
     let (a64, b64) = (to64(&a), to64(&b));
+    let want = reference(&a64, &b64, 0.3, 1e-8, None);
     let out = run(device, &a, &b, &SlerpConfig::new(0.3));
-    let err = rel_l2(&out, &reference(&a64, &b64, 0.3, 1e-8, None));
+    let err = rel_l2(&out, &want);
     println!("{device:?}: relative L2 error, tensor granularity: {err:.2e}");
     assert!(err <= 1e-6, "tensor granularity: {err:e}");
+    // The generic tensor-op path, forced, holds the same bar.
+    let generic = slerp_generic(
+        tensor(a.clone(), [n], device),
+        tensor(b.clone(), [n], device),
+        &SlerpConfig::new(0.3),
+    )
+    .unwrap();
+    let err = rel_l2(&values(generic), &want);
+    println!("{device:?}: relative L2 error, generic path: {err:.2e}");
+    assert!(err <= 1e-6, "generic path: {err:e}");
 
     let rows = 1000;
     let row = SlerpConfig::new(0.3).with_granularity(Granularity::Row);
@@ -522,6 +533,40 @@ pub fn accuracy_bar_at_ten_million(device: &Device) {
     let err = rel_l2(&values(out), &reference_rows(&a64, &b64, rows, 0.3));
     println!("{device:?}: relative L2 error, row granularity: {err:.2e}");
     assert!(err <= 1e-6, "row granularity: {err:e}");
+}
+
+/// The fused kernels (where the backend has them) and the generic path agree, on contiguous
+/// and on non-contiguous (transposed) inputs, for both granularities.
+pub fn fused_and_generic_paths_agree(device: &Device) {
+    let (a, b) = pair(23, 300 * 257);
+    let (a64, b64) = (to64(&a), to64(&b));
+    let ta = tensor(a, [300, 257], device);
+    let tb = tensor(b, [300, 257], device);
+    for granularity in [Granularity::Tensor, Granularity::Row] {
+        for dot_threshold in [None, Some(0.9995)] {
+            let config = SlerpConfig::new(0.45)
+                .with_granularity(granularity)
+                .with_dot_threshold(dot_threshold);
+            let want = match granularity {
+                Granularity::Tensor => reference(&a64, &b64, 0.45, 1e-8, dot_threshold),
+                Granularity::Row => reference_rows(&a64, &b64, 300, 0.45),
+            };
+            let fused = values(slerp(ta.clone(), tb.clone(), &config).unwrap());
+            let generic = values(slerp_generic(ta.clone(), tb.clone(), &config).unwrap());
+            assert!(rel_l2(&fused, &want) <= 1e-6, "{granularity:?}");
+            assert!(rel_l2(&generic, &want) <= 1e-6, "{granularity:?}");
+            assert!(rel_l2(&fused, &to64(&generic)) <= 1e-6, "{granularity:?}");
+        }
+    }
+    // Transposed views: rows of the view, not of the storage.
+    let (at, bt) = (ta.swap_dims(0, 1), tb.swap_dims(0, 1));
+    let host = |t: &Tensor<2>| to64(&values(t.clone()));
+    let (at64, bt64) = (host(&at), host(&bt));
+    let config = SlerpConfig::new(0.45).with_granularity(Granularity::Row);
+    let fused = values(slerp(at.clone(), bt.clone(), &config).unwrap());
+    assert!(rel_l2(&fused, &reference_rows(&at64, &bt64, 257, 0.45)) <= 1e-6);
+    let whole = values(slerp(at, bt, &SlerpConfig::new(0.45)).unwrap());
+    assert!(rel_l2(&whole, &reference(&at64, &bt64, 0.45, 1e-8, None)) <= 1e-6);
 }
 
 pub fn half_precision_is_f32_rounded_once(device: &Device) {

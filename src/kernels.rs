@@ -1,0 +1,326 @@
+//! Fused SLERP kernels for the CPU backends, through Burn's backend-extension mechanism.
+//!
+//! Two passes over memory, the least the two-pass scheme allows: one read of `a` and `b` gives
+//! `Σa²`, `Σb²` and `Σa·b` (per row or for the whole tensor, accumulated in f64 per chunk), one
+//! more read writes `c0·a + c1·b` into the output, the only full-size allocation. Both passes
+//! run in parallel over contiguous chunks with rayon. The coefficients are computed between the
+//! two passes by the caller, on the host, in f64.
+//!
+//! Only contiguous f32 tensors on flex or ndarray take this route; [`route`] decides it before
+//! anything is dispatched (the generated dispatch panics on a backend it does not list), and
+//! everything else takes the generic tensor-op path.
+
+// burn-ndarray is deprecated upstream; this crate still supports it behind its `ndarray` feature.
+#![allow(deprecated)]
+
+use burn::backend::{Backend, backend_extension, tensor::FloatTensor};
+use burn::tensor::{DType, Device, Tensor};
+use rayon::prelude::*;
+
+/// Elements per parallel task: large enough to stream, small enough to balance two cores.
+const CHUNK: usize = 1 << 16;
+/// Independent f64 accumulators per sum, so that the loop vectorizes without reassociation.
+const LANES: usize = 8;
+
+#[backend_extension(Flex: cfg(feature = "flex"), NdArray: cfg(feature = "ndarray"))]
+pub(crate) trait SlerpKernels: Backend {
+    /// `[rows, 3]` f64 tensor of `(Σa², Σb², Σa·b)` for each of `rows` equal slices.
+    fn slerp_stats(a: FloatTensor<Self>, b: FloatTensor<Self>, rows: usize) -> FloatTensor<Self>;
+
+    /// `c0·a + c1·b` row by row; `coefficients` is a `[rows, 2]` f32 tensor of `(c0, c1)`.
+    fn slerp_combine(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        coefficients: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+}
+
+/// Whether the device is one of the CPU backends this crate has kernels for (flex, ndarray),
+/// without autodiff.
+pub(crate) fn cpu_backend(device: &Device) -> bool {
+    use burn::backend::DispatchDevice;
+    match device.as_dispatch() {
+        #[cfg(feature = "flex")]
+        DispatchDevice::Flex(_) => true,
+        #[cfg(feature = "ndarray")]
+        DispatchDevice::NdArray(_) => true,
+        _ => false,
+    }
+}
+
+/// Whether a pair of tensors (same shape and device) can take the fused kernels: f32 on flex or
+/// ndarray, without autodiff. Decided before dispatching.
+pub(crate) fn route<const D: usize>(a: &Tensor<D>, b: &Tensor<D>) -> bool {
+    cpu_backend(&a.device()) && a.dtype() == DType::F32 && b.dtype() == DType::F32
+}
+
+/// Per-row statistics through the fused kernel: `rows` triples `(Σa², Σb², Σa·b)`.
+pub(crate) fn stats<const D: usize>(a: Tensor<D>, b: Tensor<D>, rows: usize) -> Vec<f64> {
+    use burn::backend::Dispatch;
+    let out = <Dispatch as SlerpKernels>::slerp_stats(a.into_dispatch(), b.into_dispatch(), rows);
+    // A host read of 3 f64 per row; on these CPU backends it is a copy of that small buffer.
+    Tensor::<2>::from_dispatch(out)
+        .into_data()
+        .iter::<f64>()
+        .collect()
+}
+
+/// `c0·a + c1·b` through the fused kernel, one `(c0, c1)` per row.
+pub(crate) fn combine<const D: usize>(
+    a: Tensor<D>,
+    b: Tensor<D>,
+    coefficients: Vec<f32>,
+) -> Tensor<D> {
+    use burn::backend::Dispatch;
+    let rows = coefficients.len() / 2;
+    let device = a.device();
+    let coefficients = Tensor::<2>::from_data(
+        burn::tensor::TensorData::new(coefficients, [rows, 2]),
+        &device,
+    );
+    let out = <Dispatch as SlerpKernels>::slerp_combine(
+        a.into_dispatch(),
+        b.into_dispatch(),
+        coefficients.into_dispatch(),
+    );
+    Tensor::from_dispatch(out)
+}
+
+/// `(Σa², Σb², Σa·b)` of one contiguous run.
+fn sums(a: &[f32], b: &[f32]) -> [f64; 3] {
+    let mut aa = [0.0f64; LANES];
+    let mut bb = [0.0f64; LANES];
+    let mut ab = [0.0f64; LANES];
+    let (ca, ta) = a.as_chunks::<LANES>();
+    let (cb, tb) = b.as_chunks::<LANES>();
+    for (x, y) in ca.iter().zip(cb) {
+        for l in 0..LANES {
+            let (p, q) = (x[l] as f64, y[l] as f64);
+            aa[l] += p * p;
+            bb[l] += q * q;
+            ab[l] += p * q;
+        }
+    }
+    for (l, (x, y)) in ta.iter().zip(tb).enumerate() {
+        let (p, q) = (*x as f64, *y as f64);
+        aa[l] += p * p;
+        bb[l] += q * q;
+        ab[l] += p * q;
+    }
+    [aa.iter().sum(), bb.iter().sum(), ab.iter().sum()]
+}
+
+/// Row statistics of two contiguous buffers of `rows` equal rows, flattened `[rows × 3]`.
+///
+/// The chunk partials of a row are summed in a fixed order, so results do not depend on how the
+/// work was scheduled.
+pub(crate) fn stats_slices(a: &[f32], b: &[f32], rows: usize) -> Vec<f64> {
+    let cols = a.len() / rows.max(1);
+    if cols == 0 {
+        return vec![0.0; rows * 3];
+    }
+    if cols >= CHUNK {
+        // Long rows: chunks of every row in parallel, partials combined per row in order.
+        let per_row = cols.div_ceil(CHUNK);
+        let partials: Vec<[f64; 3]> = (0..rows * per_row)
+            .into_par_iter()
+            .map(|task| {
+                let (row, part) = (task / per_row, task % per_row);
+                let start = row * cols + part * CHUNK;
+                let end = (row * cols + cols).min(start + CHUNK);
+                sums(&a[start..end], &b[start..end])
+            })
+            .collect();
+        partials
+            .chunks(per_row)
+            .flat_map(|row| {
+                row.iter().fold([0.0; 3], |acc, s| {
+                    [acc[0] + s[0], acc[1] + s[1], acc[2] + s[2]]
+                })
+            })
+            .collect()
+    } else {
+        // Short rows: many rows per task.
+        let per_task = (CHUNK / cols).max(1);
+        let rows_out: Vec<[f64; 3]> = a
+            .par_chunks(cols)
+            .zip(b.par_chunks(cols))
+            .with_min_len(per_task)
+            .map(|(x, y)| sums(x, y))
+            .collect();
+        rows_out.into_iter().flatten().collect()
+    }
+}
+
+/// `c0·a + c1·b` of two contiguous buffers, with `(c0, c1)` per row (`coefficients.len() / 2`
+/// equal rows).
+pub(crate) fn combine_slices(a: &[f32], b: &[f32], coefficients: &[f32]) -> Vec<f32> {
+    let rows = coefficients.len() / 2;
+    let cols = a.len() / rows.max(1);
+    // Zero-initialised allocation: fresh pages from the OS, no extra pass over memory.
+    let mut out = vec![0.0f32; a.len()];
+    if cols == 0 {
+        return out;
+    }
+    let write = |o: &mut [f32], x: &[f32], y: &[f32], c0: f32, c1: f32| {
+        for ((o, x), y) in o.iter_mut().zip(x).zip(y) {
+            *o = c0 * x + c1 * y;
+        }
+    };
+    if rows == 1 {
+        let (c0, c1) = (coefficients[0], coefficients[1]);
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK))
+            .zip(b.par_chunks(CHUNK))
+            .for_each(|((o, x), y)| write(o, x, y, c0, c1));
+    } else {
+        out.par_chunks_mut(cols)
+            .zip(a.par_chunks(cols))
+            .zip(b.par_chunks(cols))
+            .zip(coefficients.par_chunks(2))
+            .with_min_len((CHUNK / cols).max(1))
+            .for_each(|(((o, x), y), c)| write(o, x, y, c[0], c[1]));
+    }
+    out
+}
+
+#[cfg(feature = "flex")]
+mod flex {
+    use burn::backend::Flex;
+    use burn::backend::flex::FlexTensor;
+    use burn::backend::tensor::FloatTensor;
+    use burn::tensor::{DType, TensorData};
+
+    use super::{SlerpKernels, combine_slices, stats_slices};
+
+    /// The tensor's f32 values, contiguous: borrowed when they already are, copied otherwise.
+    fn contiguous(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+        match t.as_slice::<f32>() {
+            Some(s) => std::borrow::Cow::Borrowed(s),
+            None => {
+                std::borrow::Cow::Owned(t.clone().into_data().iter::<f32>().collect::<Vec<f32>>())
+            }
+        }
+    }
+
+    impl SlerpKernels for Flex {
+        fn slerp_stats(
+            a: FloatTensor<Self>,
+            b: FloatTensor<Self>,
+            rows: usize,
+        ) -> FloatTensor<Self> {
+            let out = stats_slices(&contiguous(&a), &contiguous(&b), rows);
+            FlexTensor::from_data(TensorData::new(out, [rows, 3]))
+        }
+
+        fn slerp_combine(
+            a: FloatTensor<Self>,
+            b: FloatTensor<Self>,
+            coefficients: FloatTensor<Self>,
+        ) -> FloatTensor<Self> {
+            debug_assert_eq!(a.dtype(), DType::F32);
+            let shape = a.layout().shape().clone();
+            let out = combine_slices(&contiguous(&a), &contiguous(&b), &contiguous(&coefficients));
+            FlexTensor::from_data(TensorData::new(out, shape))
+        }
+    }
+}
+
+#[cfg(feature = "ndarray")]
+mod ndarray {
+    use burn::backend::NdArray;
+    use burn::backend::TensorMetadata;
+    use burn::backend::ndarray::NdArrayTensor;
+    use burn::backend::tensor::FloatTensor;
+    use burn::tensor::TensorData;
+
+    use super::{SlerpKernels, combine_slices, stats_slices};
+
+    /// The tensor's f32 values, contiguous: borrowed when they already are, copied otherwise.
+    fn contiguous(t: &NdArrayTensor) -> std::borrow::Cow<'_, [f32]> {
+        if let NdArrayTensor::F32(storage) = t
+            && let Some(s) = storage.view().to_slice()
+        {
+            return std::borrow::Cow::Borrowed(s);
+        }
+        std::borrow::Cow::Owned(match t {
+            NdArrayTensor::F32(storage) => storage.view().iter().copied().collect(),
+            other => panic!(
+                "the fused kernels take f32 tensors only, got {:?}",
+                other.dtype()
+            ),
+        })
+    }
+
+    impl SlerpKernels for NdArray {
+        fn slerp_stats(
+            a: FloatTensor<Self>,
+            b: FloatTensor<Self>,
+            rows: usize,
+        ) -> FloatTensor<Self> {
+            let out = stats_slices(&contiguous(&a), &contiguous(&b), rows);
+            NdArrayTensor::from_data(TensorData::new(out, [rows, 3]))
+        }
+
+        fn slerp_combine(
+            a: FloatTensor<Self>,
+            b: FloatTensor<Self>,
+            coefficients: FloatTensor<Self>,
+        ) -> FloatTensor<Self> {
+            let shape = a.shape();
+            let out = combine_slices(&contiguous(&a), &contiguous(&b), &contiguous(&coefficients));
+            NdArrayTensor::from_data(TensorData::new(out, shape))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_match_f64_for_every_tail_length() {
+        for n in [0, 1, 7, 8, 9, 100, CHUNK + 3] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let want = [
+                a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>(),
+                b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>(),
+                a.iter()
+                    .zip(&b)
+                    .map(|(x, y)| *x as f64 * *y as f64)
+                    .sum::<f64>(),
+            ];
+            let got = stats_slices(&a, &b, 1);
+            for k in 0..3 {
+                assert!(
+                    (got[k] - want[k]).abs() <= 1e-12 * want[k].abs().max(1.0),
+                    "n={n}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rows_long_and_short_match_their_slices() {
+        for (rows, cols) in [(3, CHUNK * 2 + 5), (1000, 3), (5, 1)] {
+            let n = rows * cols;
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.013).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.007).cos()).collect();
+            let got = stats_slices(&a, &b, rows);
+            assert_eq!(got.len(), rows * 3);
+            for r in 0..rows {
+                let s = r * cols..(r + 1) * cols;
+                let want = sums(&a[s.clone()], &b[s]);
+                for k in 0..3 {
+                    assert!((got[r * 3 + k] - want[k]).abs() <= 1e-9 * want[k].abs().max(1.0));
+                }
+            }
+            let coefficients: Vec<f32> = (0..rows).flat_map(|r| [r as f32, 1.0]).collect();
+            let out = combine_slices(&a, &b, &coefficients);
+            for (i, o) in out.iter().enumerate() {
+                assert_eq!(*o, (i / cols) as f32 * a[i] + b[i]);
+            }
+        }
+    }
+}
