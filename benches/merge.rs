@@ -1,6 +1,13 @@
 //! Merge benchmarks: a whole model with GPT-2-small shapes (124,439,808 f32 parameters in 148
 //! tensors) and one 4096×4096 pair, on every backend this build enables.
 //!
+//! In the same run it measures the machine's memory bandwidth with a STREAM-style triad over
+//! buffers of the case's size, and prints one summary line per case:
+//! `merge_s` (median), `bound_s` (20 bytes per parameter ÷ triad bandwidth: the two-pass
+//! scheme reads `a` and `b` twice and writes the output once) and `ratio = merge_s / bound_s`.
+//! For the whole-model merge on the CPU backends it also prints the peak memory the merge adds
+//! (`VmHWM` after the merge minus `VmRSS` before it, with the peak reset just before).
+//!
 //! Usage: cargo bench --bench merge [--features ndarray,wgpu]
 
 use std::hint::black_box;
@@ -11,6 +18,7 @@ use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, L
 use burn::tensor::{Device, Distribution, Tensor};
 use burn_slerp::{SlerpConfig, SlerpMerger, slerp};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use rayon::prelude::*;
 
 #[derive(Module, Debug)]
 struct Block {
@@ -87,6 +95,65 @@ fn timed<O>(device: &Device, iters: u64, mut routine: impl FnMut() -> O) -> Dura
     start.elapsed()
 }
 
+/// Median of `runs` timings of `routine`, in seconds.
+fn median_s<O>(device: &Device, runs: usize, mut routine: impl FnMut() -> O) -> f64 {
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| timed(device, 1, &mut routine).as_secs_f64())
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[runs / 2]
+}
+
+/// Triad `x = y + s·z` over three buffers of `n` f32, on both cores: bytes per second,
+/// counting 12 bytes per element (two reads, one write), median of 7 runs.
+fn triad_bandwidth(n: usize) -> f64 {
+    let y = vec![1.0f32; n];
+    let z = vec![2.0f32; n];
+    let mut x = vec![0.0f32; n];
+    let mut run = || {
+        let start = Instant::now();
+        x.par_chunks_mut(1 << 16)
+            .zip(y.par_chunks(1 << 16))
+            .zip(z.par_chunks(1 << 16))
+            .for_each(|((x, y), z)| {
+                for ((x, y), z) in x.iter_mut().zip(y).zip(z) {
+                    *x = y + 0.5 * z;
+                }
+            });
+        black_box(&x);
+        start.elapsed().as_secs_f64()
+    };
+    run(); // first touch of the output pages
+    let mut times: Vec<f64> = (0..7).map(|_| run()).collect();
+    times.sort_by(f64::total_cmp);
+    (12 * n) as f64 / times[3]
+}
+
+fn summary(case: &str, backend: &str, params: usize, merge_s: f64) {
+    let bandwidth = triad_bandwidth(params);
+    let bound_s = 20.0 * params as f64 / bandwidth;
+    println!(
+        "summary {case} {backend}: merge_s {merge_s:.4} bound_s {bound_s:.4} ratio {:.2} \
+         (triad {:.1} GB/s)",
+        merge_s / bound_s,
+        bandwidth / 1e9
+    );
+}
+
+/// `(VmRSS, VmHWM)` of this process in bytes, after resetting the peak when asked.
+fn memory(reset_peak: bool) -> Option<(u64, u64)> {
+    if reset_peak {
+        std::fs::write("/proc/self/clear_refs", "5").ok()?;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
 fn bench_merge(c: &mut Criterion) {
     let merger = SlerpMerger::new(SlerpConfig::new(0.5)).unwrap();
     for (name, device) in devices() {
@@ -106,6 +173,24 @@ fn bench_merge(c: &mut Criterion) {
             })
         });
         group.finish();
+        let merge_s = median_s(&device, 7, || merger.merge(&a, &b).unwrap());
+        summary("gpt2_small", name, params as usize, merge_s);
+        if name != "wgpu"
+            && let Some((before, _)) = memory(true)
+        {
+            let merged = merger.merge(&a, &b).unwrap();
+            if let Some((_, peak)) = memory(false) {
+                let output = params * 4;
+                println!(
+                    "memory gpt2_small {name}: merge adds {:.1} MB at peak (output {:.1} MB, \
+                     extra beyond the output {:.1} MB)",
+                    (peak - before) as f64 / 1e6,
+                    output as f64 / 1e6,
+                    (peak as f64 - before as f64 - output as f64) / 1e6
+                );
+            }
+            drop(merged);
+        }
         drop((a, b));
 
         let n = 4096;
@@ -123,6 +208,8 @@ fn bench_merge(c: &mut Criterion) {
             })
         });
         group.finish();
+        let merge_s = median_s(&device, 7, || slerp(a.clone(), b.clone(), &config).unwrap());
+        summary("4096x4096", name, n * n, merge_s);
     }
 }
 

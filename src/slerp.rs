@@ -298,7 +298,18 @@ pub(crate) fn interpolate<const D: usize>(
     let fused = path == Path::Auto && kernels::route(&a, &b);
     let (a, b) = (a.cast(compute), b.cast(compute));
 
-    let stats = if fused {
+    let generic_stats = || {
+        if per_row {
+            let cols = n / rows;
+            row_stats(
+                a.clone().reshape([rows, cols]),
+                b.clone().reshape([rows, cols]),
+            )
+        } else {
+            vec![tensor_stats(a.clone().reshape([n]), b.clone().reshape([n]))]
+        }
+    };
+    let mut stats: Vec<PairStats> = if fused {
         kernels::stats(a.clone(), b.clone(), k)
             .chunks_exact(3)
             .map(|v| PairStats {
@@ -307,14 +318,14 @@ pub(crate) fn interpolate<const D: usize>(
                 ab: v[2],
             })
             .collect()
-    } else if per_row {
-        row_stats(
-            a.clone().reshape([rows, n / rows]),
-            b.clone().reshape([rows, n / rows]),
-        )
     } else {
-        vec![tensor_stats(a.clone().reshape([n]), b.clone().reshape([n]))]
+        generic_stats()
     };
+    if fused && !stats.iter().all(PairStats::is_finite) {
+        // The kernel's f32 lanes overflow for |x| > 1.8e19: the f64 path decides whether the
+        // data is really non-finite.
+        stats = generic_stats();
+    }
     let mut coeffs = Vec::with_capacity(k);
     for s in stats {
         let mut c = coefficients(s, config)?;

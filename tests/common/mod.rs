@@ -485,6 +485,27 @@ pub fn huge_values_do_not_overflow(device: &Device) {
     assert_finite(&out);
     let want = reference(&to64(&a), &to64(&b), 0.3, 1e-8, None);
     assert!(rel_l2(&out, &want) <= 1e-6);
+    // Squares beyond f32's range (|x| > 1.8e19) are still no overflow.
+    let (c, d) = pair(24, 10_000);
+    let c: Vec<f32> = c.iter().map(|x| x * 1e25).collect();
+    let d: Vec<f32> = d.iter().map(|x| x * 1e25).collect();
+    for granularity in [Granularity::Tensor, Granularity::Row] {
+        let config = SlerpConfig::new(0.3).with_granularity(granularity);
+        let out = values(
+            slerp(
+                tensor(c.clone(), [100, 100], device),
+                tensor(d.clone(), [100, 100], device),
+                &config,
+            )
+            .unwrap(),
+        );
+        assert_finite(&out);
+        let want = match granularity {
+            Granularity::Tensor => reference(&to64(&c), &to64(&d), 0.3, 1e-8, None),
+            Granularity::Row => reference_rows(&to64(&c), &to64(&d), 100, 0.3),
+        };
+        assert!(rel_l2(&out, &want) <= 1e-6, "{granularity:?}");
+    }
     // And tiny ones do not underflow into the zero-norm branch.
     let a: Vec<f32> = a.iter().map(|x| x * 1e-30).collect();
     let b: Vec<f32> = b.iter().map(|x| x * 1e-30).collect();
