@@ -160,21 +160,7 @@ fn bench_merge(c: &mut Criterion) {
         let (a, b) = (gpt2_small(&device), gpt2_small(&device));
         let params = a.num_params() as u64;
         assert_eq!(params, 124_439_808);
-        let mut group = c.benchmark_group("merge_gpt2_small");
-        group.sample_size(10);
-        group.measurement_time(Duration::from_secs(20));
-        // Bytes that must move at least: read a and b, write the result.
-        group.throughput(Throughput::Bytes(params * 12));
-        group.bench_function(name, |bench| {
-            bench.iter_custom(|iters| {
-                timed(&device, iters, || {
-                    merger.merge(black_box(&a), black_box(&b)).unwrap()
-                })
-            })
-        });
-        group.finish();
-        let merge_s = median_s(&device, 7, || merger.merge(&a, &b).unwrap());
-        summary("gpt2_small", name, params as usize, merge_s);
+        // Peak memory first, before any merge has left freed memory in the allocator.
         if name != "wgpu"
             && let Some((before, _)) = memory(true)
         {
@@ -191,6 +177,21 @@ fn bench_merge(c: &mut Criterion) {
             }
             drop(merged);
         }
+        let mut group = c.benchmark_group("merge_gpt2_small");
+        group.sample_size(10);
+        group.measurement_time(Duration::from_secs(20));
+        // Bytes that must move at least: read a and b, write the result.
+        group.throughput(Throughput::Bytes(params * 12));
+        group.bench_function(name, |bench| {
+            bench.iter_custom(|iters| {
+                timed(&device, iters, || {
+                    merger.merge(black_box(&a), black_box(&b)).unwrap()
+                })
+            })
+        });
+        group.finish();
+        let merge_s = median_s(&device, 7, || merger.merge(&a, &b).unwrap());
+        summary("gpt2_small", name, params as usize, merge_s);
         drop((a, b));
 
         let n = 4096;
