@@ -30,6 +30,8 @@
 //! * [`SlerpMerger`]: validates the configuration once, then [`SlerpMerger::merge`]s modules.
 //! * [`slerp`]: the same contract for one pair of tensors.
 //! * [`MergeError`]: every refusal, naming the parameter.
+//! * [`TensorStats`]: what [`SlerpMerger::merge_with_stats`] computed for each tensor (norms,
+//!   cosine, angle, [`Branch`]).
 //!
 //! ## Numerics
 //!
@@ -56,6 +58,7 @@ mod error;
 mod kernels;
 mod merger;
 mod slerp;
+mod stats;
 
 pub use config::{Granularity, Method, SlerpConfig};
 pub use error::MergeError;
@@ -63,6 +66,7 @@ pub use merger::SlerpMerger;
 pub use slerp::slerp;
 #[doc(hidden)]
 pub use slerp::slerp_generic;
+pub use stats::{Branch, LerpReason, RowStats, TensorStats};
 
 #[cfg(all(doctest, feature = "flex"))]
 #[doc = include_str!("../README.md")]

@@ -8,7 +8,7 @@ use burn::module::{Flag, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Bool, DType, Device, Int, Tensor};
 
 use crate::slerp::{Leaf, Path, check_dtype, interpolate, same_device};
-use crate::{MergeError, SlerpConfig};
+use crate::{MergeError, SlerpConfig, TensorStats};
 
 /// Merges two Burn modules of one architecture by SLERP of every float parameter.
 ///
@@ -81,6 +81,23 @@ impl SlerpMerger {
     /// partly built output is dropped). The error names the first offending parameter in `a`'s
     /// order.
     pub fn merge<M: Module>(&self, a: &M, b: &M) -> Result<M, MergeError> {
+        self.merge_with_stats(a, b).map(|(merged, _)| merged)
+    }
+
+    /// [`merge`](Self::merge), also returning what the merge computed for each float tensor:
+    /// norms, cosine, angle and the branch of the numerics table taken (per-row summaries with
+    /// [`Granularity::Row`](crate::Granularity::Row)), in `a`'s parameter order. The statistics
+    /// come from the reductions the merge does anyway. At `t = 0` and `t = 1` nothing is
+    /// computed and the list is empty.
+    ///
+    /// # Errors
+    ///
+    /// As [`merge`](Self::merge).
+    pub fn merge_with_stats<M: Module>(
+        &self,
+        a: &M,
+        b: &M,
+    ) -> Result<(M, Vec<TensorStats>), MergeError> {
         check_structure(a, b)?;
 
         // What the result takes from `a` as it is: int and bool params, flags, autodiff state.
@@ -98,11 +115,12 @@ impl SlerpMerger {
             originals,
             others: others.tensors,
             non_finite: None,
+            stats: Vec::new(),
         };
         let merged = fresh_a.map(&mut mapper);
         match mapper.non_finite {
             Some(path) => Err(MergeError::NonFinite { path }),
-            None => Ok(merged),
+            None => Ok((merged, mapper.stats)),
         }
     }
 }
@@ -300,6 +318,8 @@ struct SlerpMapper<'a> {
     others: HashMap<String, Box<dyn Any + Send>>,
     /// The first parameter found to hold a NaN or an infinity; nothing is computed after it.
     non_finite: Option<String>,
+    /// What was computed for each float parameter, in `a`'s order.
+    stats: Vec<TensorStats>,
 }
 
 impl SlerpMapper<'_> {
@@ -334,21 +354,28 @@ impl ModuleMapper for SlerpMapper<'_> {
         };
         let leaf = self.originals.leaves.get(&path).copied();
         let config = self.config;
-        let mut merged = None;
+        let mut summary = None;
+        let mut finite = true;
         let param = param.map(
             |a| match interpolate(a.clone(), *other, config, Path::Auto) {
-                Some(out) => {
-                    merged = Some(());
+                Some((out, stats)) => {
+                    summary = stats;
                     match leaf {
                         Some(leaf) => leaf.restore(out),
                         None => out,
                     }
                 }
-                None => a,
+                None => {
+                    finite = false;
+                    a
+                }
             },
         );
-        if merged.is_none() {
+        if !finite {
             self.non_finite = Some(path);
+        } else if let Some(mut stats) = summary {
+            stats.path = path;
+            self.stats.push(stats);
         }
         param
     }

@@ -5,6 +5,7 @@
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 
 use crate::kernels;
+use crate::stats::{Branch, LerpReason, TensorStats};
 use crate::{Granularity, MergeError, Method, SlerpConfig};
 
 /// `cos θ` below `-(1 - ANTIPARALLEL_MARGIN)` counts as antiparallel: the geodesic is undefined at
@@ -101,9 +102,10 @@ fn slerp_on<const D: usize>(
         check_dtype(dtype, "")?;
     }
     let leaf = Leaf::of(&a);
-    let out = interpolate(a.inner(), b.inner(), config, path).ok_or(MergeError::NonFinite {
-        path: String::new(),
-    })?;
+    let (out, _) =
+        interpolate(a.inner(), b.inner(), config, path).ok_or(MergeError::NonFinite {
+            path: String::new(),
+        })?;
     Ok(leaf.restore(out))
 }
 
@@ -148,26 +150,6 @@ impl Leaf {
     }
 }
 
-/// Why a pair was linearly interpolated instead of spherically.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum LerpReason {
-    /// `‖a‖ ≤ eps` or `‖b‖ ≤ eps`.
-    ZeroNorm,
-    /// `cos θ < −(1 − 5e-4)`.
-    Antiparallel,
-    /// mergekit-compatible mode and `|cos θ| > dot_threshold`.
-    DotThreshold,
-    /// [`Method::Lerp`] was asked for.
-    Method,
-}
-
-/// Which row of the numerics table a pair fell in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Branch {
-    Slerp,
-    Lerp(LerpReason),
-}
-
 /// Squared norms and dot product of one pair of vectors, in f64.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub(crate) struct PairStats {
@@ -177,11 +159,11 @@ pub(crate) struct PairStats {
 }
 
 impl PairStats {
-    fn is_finite(&self) -> bool {
+    pub(crate) fn is_finite(&self) -> bool {
         self.aa.is_finite() && self.bb.is_finite() && self.ab.is_finite()
     }
 
-    fn add(self, other: Self) -> Self {
+    pub(crate) fn add(self, other: Self) -> Self {
         Self {
             aa: self.aa + other.aa,
             bb: self.bb + other.bb,
@@ -236,13 +218,7 @@ pub(crate) fn coefficients(stats: PairStats, config: &SlerpConfig) -> Option<Coe
     if cos < -(1.0 - ANTIPARALLEL_MARGIN) {
         return Some(lerp(LerpReason::Antiparallel));
     }
-    // θ = 2·atan2(‖â − b̂‖, ‖â + b̂‖), with ‖â ∓ b̂‖² = 2 ∓ 2·cos: accurate for small angles,
-    // where acos(cos) is not.
-    let theta = 2.0
-        * (2.0 - 2.0 * cos)
-            .max(0.0)
-            .sqrt()
-            .atan2((2.0 + 2.0 * cos).max(0.0).sqrt());
+    let theta = crate::stats::angle(stats).map_or(0.0, |(_, theta)| theta);
     let s = sinc(theta);
     Some(Coefficients {
         c0: (1.0 - t) * sinc((1.0 - t) * theta) / s,
@@ -263,18 +239,18 @@ pub(crate) fn interpolate<const D: usize>(
     b: Tensor<D>,
     config: &SlerpConfig,
     path: Path,
-) -> Option<Tensor<D>> {
+) -> Option<(Tensor<D>, Option<TensorStats>)> {
     let out_dtype = a.dtype();
     if config.t == 0.0 {
-        return Some(a);
+        return Some((a, None));
     }
     if config.t == 1.0 {
-        return Some(b.cast(out_dtype));
+        return Some((b.cast(out_dtype), None));
     }
     let dims = a.dims();
     let n: usize = dims.iter().product();
     if n == 0 {
-        return Some(a);
+        return Some((a, None));
     }
     let rows = dims[0];
     // One angle per row, or one for the whole tensor. Row granularity with one-element rows
@@ -327,20 +303,22 @@ pub(crate) fn interpolate<const D: usize>(
         stats = generic_stats();
     }
     let mut coeffs = Vec::with_capacity(k);
-    for s in stats {
-        let mut c = coefficients(s, config)?;
+    for s in &stats {
+        let mut c = coefficients(*s, config)?;
         if force_lerp {
             (c.c0, c.c1) = (1.0 - config.t, config.t);
+            c.branch = Branch::Lerp(LerpReason::Method);
         }
         coeffs.push(c);
     }
 
+    let summary = TensorStats::new(n, &stats, &coeffs, per_row);
     if fused {
         let flat = coeffs
             .iter()
             .flat_map(|c| [c.c0 as f32, c.c1 as f32])
             .collect();
-        return Some(kernels::combine(a, b, flat));
+        return Some((kernels::combine(a, b, flat), Some(summary)));
     }
     let out = if per_row {
         let device = a.device();
@@ -356,7 +334,7 @@ pub(crate) fn interpolate<const D: usize>(
     } else {
         a.mul_scalar(coeffs[0].c0).add(b.mul_scalar(coeffs[0].c1))
     };
-    Some(out.cast(out_dtype))
+    Some((out.cast(out_dtype), Some(summary)))
 }
 
 /// Which implementation `interpolate` may use.

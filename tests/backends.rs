@@ -37,6 +37,7 @@ macro_rules! device_suite {
                 inputs_are_unchanged,
                 discrete_params_and_flags_come_from_a,
                 autodiff_params_are_fresh_leaves,
+                stats_report_angles_and_branches,
                 swapping_inputs_mirrors_t,
                 results_stay_finite,
                 angle_to_a_grows_with_t,

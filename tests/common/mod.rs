@@ -15,7 +15,10 @@ use burn::nn::{
     LayerNormConfig, Linear, LinearConfig,
 };
 use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor, TensorData};
-use burn_slerp::{Granularity, MergeError, Method, SlerpConfig, SlerpMerger, slerp, slerp_generic};
+use burn_slerp::{
+    Branch, Granularity, LerpReason, MergeError, Method, SlerpConfig, SlerpMerger, slerp,
+    slerp_generic,
+};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 use rand::{Rng, SeedableRng};
@@ -977,6 +980,81 @@ pub fn autodiff_params_are_fresh_leaves(device: &Device) {
     let (ta, tb) = (a.weight.val(), b.weight.val());
     let out = slerp(ta, tb, &SlerpConfig::new(0.5)).unwrap();
     assert!(out.is_autodiff() && out.is_require_grad());
+}
+
+/// `merge_with_stats` reports norms, cosine, angle and branch per tensor, and per-row summaries.
+pub fn stats_report_angles_and_branches(device: &Device) {
+    #[derive(Module, Debug)]
+    struct Two {
+        w: Param<Tensor<2>>,
+        z: Param<Tensor<1>>,
+    }
+    let two = |w: Vec<f32>, z: Vec<f32>| Two {
+        w: Param::from_tensor(tensor(w, [3, 2], device)),
+        z: Param::from_tensor(tensor(z, [2], device)),
+    };
+    // Rows: orthogonal (θ = π/2), identical (θ = 0), antiparallel (θ = π).
+    let a = two(vec![1.0, 0.0, 2.0, 2.0, 1.0, 3.0], vec![0.0, 0.0]);
+    let b = two(vec![0.0, 3.0, 2.0, 2.0, -2.0, -6.0], vec![1.0, 1.0]);
+    let (merged, stats) = merger(0.5).merge_with_stats(&a, &b).unwrap();
+    assert_eq!(stats.len(), 2);
+    assert_eq!(stats[0].path, "w");
+    // Whole-tensor values against an f64 computation.
+    let (va, vb) = (
+        [1.0f64, 0.0, 2.0, 2.0, 1.0, 3.0],
+        [0.0f64, 3.0, 2.0, 2.0, -2.0, -6.0],
+    );
+    let na = va.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let nb = vb.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let cos = va.iter().zip(&vb).map(|(x, y)| x * y).sum::<f64>() / (na * nb);
+    let w = &stats[0];
+    assert_eq!(w.numel, 6);
+    // f64 sums on the CPU backends, scaled f32 blocks elsewhere: within 1e-6 either way.
+    assert!((w.norm_a - na).abs() < 1e-6 * na && (w.norm_b - nb).abs() < 1e-6 * nb);
+    assert!((w.cos.unwrap() - cos).abs() < 1e-6);
+    assert!((w.theta.unwrap() - cos.acos()).abs() < 1e-6);
+    assert_eq!(w.branch, Branch::Slerp);
+    assert!(w.rows.is_none());
+    assert_eq!(stats[1].path, "z");
+    assert_eq!(stats[1].branch, Branch::Lerp(LerpReason::ZeroNorm));
+    assert_eq!((stats[1].cos, stats[1].theta), (None, None));
+    assert_eq!(values(merged.z.val()), vec![0.5, 0.5]);
+
+    let row = SlerpMerger::new(SlerpConfig::new(0.5).with_granularity(Granularity::Row)).unwrap();
+    let (_, stats) = row.merge_with_stats(&a, &b).unwrap();
+    let rows = stats[0].rows.as_ref().unwrap();
+    let pi = std::f64::consts::PI;
+    assert_eq!(rows.count, 3);
+    // Near 0 and π the angle is as exact as sqrt(1 ∓ cos): ~3e-4 rad with f32 sums.
+    assert!(rows.theta_min.unwrap().abs() < 1e-3);
+    assert!((rows.theta_median.unwrap() - pi / 2.0).abs() < 1e-6);
+    assert!((rows.theta_max.unwrap() - pi).abs() < 1e-3);
+    assert_eq!(
+        (rows.slerp, rows.lerp_antiparallel, rows.lerp_zero_norm),
+        (2, 1, 0)
+    );
+    // A 1-D tensor in row mode is lerp, reported as such.
+    assert_eq!(stats[1].branch, Branch::Lerp(LerpReason::Method));
+
+    // mergekit mode counts the near-parallel rows it lerps.
+    let mk = SlerpConfig::new(0.5)
+        .with_granularity(Granularity::Row)
+        .with_dot_threshold(Some(0.9995));
+    let (_, stats) = SlerpMerger::new(mk)
+        .unwrap()
+        .merge_with_stats(&a, &b)
+        .unwrap();
+    let rows = stats[0].rows.as_ref().unwrap();
+    assert_eq!(
+        (rows.slerp, rows.lerp_dot_threshold, rows.lerp_antiparallel),
+        (1, 2, 0)
+    );
+
+    // t = 0 and t = 1 compute nothing.
+    assert!(merger(0.0).merge_with_stats(&a, &b).unwrap().1.is_empty());
+    // The statistics serialize for reports.
+    let json = serde_json::to_string(&stats[0]).unwrap();
+    assert!(json.contains("\"path\":\"w\""), "{json}");
 }
 
 // ---------------------------------------------------------------------------------------------
