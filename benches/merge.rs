@@ -211,6 +211,11 @@ fn bench_merge(c: &mut Criterion) {
         group.finish();
         let merge_s = median_s(&device, 7, || slerp(a.clone(), b.clone(), &config).unwrap());
         summary("4096x4096", name, n * n, merge_s);
+        // The generic tensor-op path on the same pair, for what the fused kernels gain.
+        let generic_s = median_s(&device, 3, || {
+            burn_slerp::slerp_generic(a.clone(), b.clone(), &config).unwrap()
+        });
+        summary("4096x4096-generic", name, n * n, generic_s);
     }
 }
 
