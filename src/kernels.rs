@@ -206,12 +206,42 @@ pub(crate) fn combine_slices(a: &[f32], b: &[f32], coefficients: &[f32]) -> Vec<
     out
 }
 
+/// The kernels of one CPU backend: the backends differ only in their tensor type and in how
+/// its f32 values are borrowed (each backend module has its own `contiguous`).
+#[cfg(any(feature = "flex", feature = "ndarray"))]
+macro_rules! cpu_kernels {
+    ($backend:ty, $tensor:ident) => {
+        impl SlerpKernels for $backend {
+            fn slerp_stats(
+                a: FloatTensor<Self>,
+                b: FloatTensor<Self>,
+                rows: usize,
+            ) -> FloatTensor<Self> {
+                let out = stats_slices(&contiguous(&a), &contiguous(&b), rows);
+                $tensor::from_data(TensorData::new(out, [rows, 3]))
+            }
+
+            fn slerp_combine(
+                a: FloatTensor<Self>,
+                b: FloatTensor<Self>,
+                coefficients: FloatTensor<Self>,
+            ) -> FloatTensor<Self> {
+                let shape = a.shape();
+                let out =
+                    combine_slices(&contiguous(&a), &contiguous(&b), &contiguous(&coefficients));
+                $tensor::from_data(TensorData::new(out, shape))
+            }
+        }
+    };
+}
+
 #[cfg(feature = "flex")]
 mod flex {
     use burn::backend::Flex;
+    use burn::backend::TensorMetadata;
     use burn::backend::flex::FlexTensor;
     use burn::backend::tensor::FloatTensor;
-    use burn::tensor::{DType, TensorData};
+    use burn::tensor::TensorData;
 
     use super::{SlerpKernels, combine_slices, stats_slices};
 
@@ -225,27 +255,7 @@ mod flex {
         }
     }
 
-    impl SlerpKernels for Flex {
-        fn slerp_stats(
-            a: FloatTensor<Self>,
-            b: FloatTensor<Self>,
-            rows: usize,
-        ) -> FloatTensor<Self> {
-            let out = stats_slices(&contiguous(&a), &contiguous(&b), rows);
-            FlexTensor::from_data(TensorData::new(out, [rows, 3]))
-        }
-
-        fn slerp_combine(
-            a: FloatTensor<Self>,
-            b: FloatTensor<Self>,
-            coefficients: FloatTensor<Self>,
-        ) -> FloatTensor<Self> {
-            debug_assert_eq!(a.dtype(), DType::F32);
-            let shape = a.layout().shape().clone();
-            let out = combine_slices(&contiguous(&a), &contiguous(&b), &contiguous(&coefficients));
-            FlexTensor::from_data(TensorData::new(out, shape))
-        }
-    }
+    cpu_kernels!(Flex, FlexTensor);
 }
 
 #[cfg(feature = "ndarray")]
@@ -274,26 +284,7 @@ mod ndarray {
         })
     }
 
-    impl SlerpKernels for NdArray {
-        fn slerp_stats(
-            a: FloatTensor<Self>,
-            b: FloatTensor<Self>,
-            rows: usize,
-        ) -> FloatTensor<Self> {
-            let out = stats_slices(&contiguous(&a), &contiguous(&b), rows);
-            NdArrayTensor::from_data(TensorData::new(out, [rows, 3]))
-        }
-
-        fn slerp_combine(
-            a: FloatTensor<Self>,
-            b: FloatTensor<Self>,
-            coefficients: FloatTensor<Self>,
-        ) -> FloatTensor<Self> {
-            let shape = a.shape();
-            let out = combine_slices(&contiguous(&a), &contiguous(&b), &contiguous(&coefficients));
-            NdArrayTensor::from_data(TensorData::new(out, shape))
-        }
-    }
+    cpu_kernels!(NdArray, NdArrayTensor);
 }
 
 #[cfg(test)]
