@@ -163,6 +163,18 @@ impl PairStats {
         self.aa.is_finite() && self.bb.is_finite() && self.ab.is_finite()
     }
 
+    /// Decodes a flat `[aa, bb, ab, aa, bb, ab, …]` buffer, one triple per row.
+    fn triples(values: &[f64]) -> Vec<Self> {
+        values
+            .chunks_exact(3)
+            .map(|v| Self {
+                aa: v[0],
+                bb: v[1],
+                ab: v[2],
+            })
+            .collect()
+    }
+
     pub(crate) fn add(self, other: Self) -> Self {
         Self {
             aa: self.aa + other.aa,
@@ -231,9 +243,9 @@ pub(crate) fn coefficients(stats: PairStats, config: &SlerpConfig) -> Option<Coe
 /// Returns `None` when either holds a non-finite value.
 ///
 /// `t = 0` and `t = 1` return an input unchanged. Otherwise this reads back one small buffer
-/// per tensor (the reduction statistics: 3 values per row in f64 on the CPU backends, 5 per row
-/// or per block of values elsewhere, at most 5 × 1024 for a whole tensor) to compute the coefficients in f64 and check finiteness;
-/// nothing of the size of the tensor leaves the device.
+/// per tensor, the reduction statistics (3 f64 per row on the CPU backends; 5 f32 per row, or
+/// at most 5 × 1024 for a whole tensor, elsewhere), to compute the coefficients in f64 and check
+/// finiteness; nothing of the size of the tensor leaves the device.
 pub(crate) fn interpolate<const D: usize>(
     a: Tensor<D>,
     b: Tensor<D>,
@@ -285,15 +297,8 @@ pub(crate) fn interpolate<const D: usize>(
             vec![tensor_stats(a.clone().reshape([n]), b.clone().reshape([n]))]
         }
     };
-    let mut stats: Vec<PairStats> = if fused {
-        kernels::stats(a.clone(), b.clone(), k)
-            .chunks_exact(3)
-            .map(|v| PairStats {
-                aa: v[0],
-                bb: v[1],
-                ab: v[2],
-            })
-            .collect()
+    let mut stats = if fused {
+        PairStats::triples(&kernels::stats(a.clone(), b.clone(), k))
     } else {
         generic_stats()
     };
@@ -386,14 +391,7 @@ fn row_stats(a: Tensor<2>, b: Tensor<2>) -> Vec<PairStats> {
         // Host read: 3 f64 values per row.
         let data = Tensor::cat(vec![aa, bb, ab], 1).into_data();
         let values: Vec<f64> = data.iter::<f64>().collect();
-        return values
-            .chunks_exact(3)
-            .map(|v| PairStats {
-                aa: v[0],
-                bb: v[1],
-                ab: v[2],
-            })
-            .collect();
+        return PairStats::triples(&values);
     }
     ScaledStats::of(a, b).read()
 }
