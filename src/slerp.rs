@@ -12,7 +12,7 @@ use crate::{Granularity, MergeError, Method, SlerpConfig};
 /// π, so the pair is linearly interpolated.
 const ANTIPARALLEL_MARGIN: f64 = 5e-4;
 
-/// Block length of the scaled f32 reduction used on devices without f64.
+/// Block length of the scaled f32 reduction used off the CPU backends (see [`native_f64`]).
 const BLOCK: usize = 1024;
 
 /// Spherical linear interpolation of two float tensors of one shape.
