@@ -54,6 +54,7 @@
 //! | `wgpu` | burn-wgpu: Vulkan, Metal, DX12, GL | `Device::wgpu(Default::default())` |
 
 mod config;
+mod cube;
 mod error;
 mod kernels;
 mod merger;

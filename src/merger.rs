@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use burn::module::{Flag, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Bool, DType, Device, Int, Tensor};
 
-use crate::slerp::{Leaf, Path, check_dtype, interpolate, same_device};
+use crate::slerp::{Leaf, Path, Summary, check_dtype, interpolate, resolve, same_device};
 use crate::{MergeError, SlerpConfig, TensorStats};
 
 /// Merges two Burn modules of one architecture by SLERP of every float parameter.
@@ -118,9 +118,36 @@ impl SlerpMerger {
             stats: Vec::new(),
         };
         let merged = fresh_a.map(&mut mapper);
+        // Statistics still on the device (CubeCL) are read here, all at once; the first
+        // parameter in `a`'s order that is not finite is the one reported.
+        let mut slots: Vec<(String, Option<TensorStats>)> = Vec::new();
+        let mut pending = Vec::new();
+        for (path, summary) in mapper.stats {
+            match summary {
+                Summary::Ready(stats) => slots.push((path, Some(stats))),
+                Summary::Pending(p) => {
+                    pending.push((slots.len(), p));
+                    slots.push((path, None));
+                }
+            }
+        }
+        if !pending.is_empty() {
+            let (indices, pending): (Vec<usize>, Vec<_>) = pending.into_iter().unzip();
+            for (i, stats) in indices.into_iter().zip(resolve(pending)) {
+                slots[i].1 = stats;
+            }
+        }
+        let mut stats = Vec::with_capacity(slots.len());
+        for (path, s) in slots {
+            let Some(mut s) = s else {
+                return Err(MergeError::NonFinite { path });
+            };
+            s.path = path;
+            stats.push(s);
+        }
         match mapper.non_finite {
             Some(path) => Err(MergeError::NonFinite { path }),
-            None => Ok((merged, mapper.stats)),
+            None => Ok((merged, stats)),
         }
     }
 }
@@ -319,7 +346,7 @@ struct SlerpMapper<'a> {
     /// The first parameter found to hold a NaN or an infinity; nothing is computed after it.
     non_finite: Option<String>,
     /// What was computed for each float parameter, in `a`'s order.
-    stats: Vec<TensorStats>,
+    stats: Vec<(String, Summary)>,
 }
 
 impl SlerpMapper<'_> {
@@ -373,9 +400,8 @@ impl ModuleMapper for SlerpMapper<'_> {
         );
         if !finite {
             self.non_finite = Some(path);
-        } else if let Some(mut stats) = summary {
-            stats.path = path;
-            self.stats.push(stats);
+        } else if let Some(summary) = summary {
+            self.stats.push((path, summary));
         }
         param
     }

@@ -102,10 +102,15 @@ fn slerp_on<const D: usize>(
         check_dtype(dtype, "")?;
     }
     let leaf = Leaf::of(&a);
-    let (out, _) =
-        interpolate(a.inner(), b.inner(), config, path).ok_or(MergeError::NonFinite {
-            path: String::new(),
-        })?;
+    let non_finite = || MergeError::NonFinite {
+        path: String::new(),
+    };
+    let (out, summary) = interpolate(a.inner(), b.inner(), config, path).ok_or_else(non_finite)?;
+    if let Some(Summary::Pending(pending)) = summary
+        && resolve(vec![pending])[0].is_none()
+    {
+        return Err(non_finite());
+    }
     Ok(leaf.restore(out))
 }
 
@@ -239,19 +244,75 @@ pub(crate) fn coefficients(stats: PairStats, config: &SlerpConfig) -> Option<Coe
     })
 }
 
+/// What [`interpolate`] knows about a tensor it merged.
+pub(crate) enum Summary {
+    /// The statistics, already on the host (and finite).
+    Ready(TensorStats),
+    /// Statistics still on the device; [`resolve`] reads them, many tensors at once.
+    #[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
+    Pending(Pending),
+}
+
+/// The device-side statistics of one merged tensor, not read back yet.
+#[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
+pub(crate) struct Pending {
+    /// `[rows, 8]` f32, as the CubeCL kernels write it.
+    prepared: Tensor<2>,
+    numel: usize,
+    per_row: bool,
+}
+
+/// Reads the statistics of many merged tensors with one host read per device, in order; `None`
+/// for a tensor whose inputs held a NaN or an infinity.
+#[cfg_attr(not(feature = "wgpu"), allow(unused_variables, unreachable_code))]
+pub(crate) fn resolve(pending: Vec<Pending>) -> Vec<Option<TensorStats>> {
+    #[cfg(not(feature = "wgpu"))]
+    unreachable!("pending statistics come from the CubeCL kernels only");
+    #[cfg(feature = "wgpu")]
+    {
+        let mut out: Vec<Option<TensorStats>> = vec![None; pending.len()];
+        let mut left: Vec<(usize, Pending)> = pending.into_iter().enumerate().collect();
+        while let Some((_, first)) = left.first() {
+            let device = first.prepared.device();
+            let (group, rest): (Vec<_>, Vec<_>) = left
+                .into_iter()
+                .partition(|(_, p)| p.prepared.device() == device);
+            left = rest;
+            let rows: Vec<usize> = group.iter().map(|(_, p)| p.prepared.dims()[0]).collect();
+            let all = Tensor::cat(group.iter().map(|(_, p)| p.prepared.clone()).collect(), 0);
+            // The one host read: 8 f32 per row of every tensor on this device.
+            let values: Vec<f32> = all.into_data().iter::<f32>().collect();
+            let mut offset = 0;
+            for ((index, p), rows) in group.into_iter().zip(rows) {
+                let decoded =
+                    crate::cube::decode(&values[offset..offset + rows * crate::cube::WIDTH]);
+                offset += rows * crate::cube::WIDTH;
+                if decoded.iter().all(|(s, _)| s.is_finite()) {
+                    let (stats, coeffs): (Vec<_>, Vec<_>) = decoded.into_iter().unzip();
+                    out[index] = Some(TensorStats::new(p.numel, &stats, &coeffs, p.per_row));
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Interpolates two tensors that are known to have the same shape and device and no autodiff.
 /// Returns `None` when either holds a non-finite value.
 ///
-/// `t = 0` and `t = 1` return an input unchanged. Otherwise this reads back one small buffer
-/// per tensor, the reduction statistics (3 f64 per row on the CPU backends; 5 f32 per row, or
-/// at most 5 × 1024 for a whole tensor, elsewhere), to compute the coefficients in f64 and check
-/// finiteness; nothing of the size of the tensor leaves the device.
+/// `t = 0` and `t = 1` return an input unchanged. On the CPU backends and the generic path this
+/// reads back one small buffer per tensor, the reduction statistics (3 f64 per row on the CPU
+/// backends; 5 f32 per row, or at most 5 × 1024 for a whole tensor, elsewhere), to compute the
+/// coefficients in f64 and check finiteness; nothing of the size of the tensor leaves the
+/// device. On CubeCL devices nothing is read: the coefficients are computed on the device and
+/// the statistics come back [`Summary::Pending`], for [`resolve`] to read later, together with
+/// those of the other tensors.
 pub(crate) fn interpolate<const D: usize>(
     a: Tensor<D>,
     b: Tensor<D>,
     config: &SlerpConfig,
     path: Path,
-) -> Option<(Tensor<D>, Option<TensorStats>)> {
+) -> Option<(Tensor<D>, Option<Summary>)> {
     let out_dtype = a.dtype();
     if config.t == 0.0 {
         return Some((a, None));
@@ -267,15 +328,14 @@ pub(crate) fn interpolate<const D: usize>(
     let rows = dims[0];
     // One angle per row, or one for the whole tensor. Row granularity with one-element rows
     // (1-D tensors) is exactly lerp, like the lerp method; both need the statistics only for the
-    // finiteness check, and one tensor-wide reduction serves it.
-    let per_row = config.granularity == Granularity::Row
-        && config.method == Method::Slerp
-        && rows > 1
-        && n / rows > 1;
+    // finiteness check, and one tensor-wide reduction serves it. A single row is the whole
+    // tensor.
+    let row_mode = config.granularity == Granularity::Row;
+    let per_row = row_mode && config.method == Method::Slerp && rows > 1 && n / rows > 1;
     let (k, force_lerp) = if per_row {
         (rows, false)
     } else {
-        (1, config.granularity == Granularity::Row)
+        (1, row_mode && n / rows == 1)
     };
     // f64 tensors are computed in f64; f32, f16 and bf16 in f32, rounded once at the end.
     let compute = if out_dtype == DType::F64 {
@@ -285,6 +345,19 @@ pub(crate) fn interpolate<const D: usize>(
     };
     let fused = path == Path::Auto && kernels::route(&a, &b);
     let (a, b) = (a.cast(compute), b.cast(compute));
+    #[cfg(feature = "wgpu")]
+    if path == Path::Auto && crate::cube::route(&a, &b) {
+        // f32, f16 and bf16 alike: computed in f32, rounded once to `a`'s dtype.
+        let lerp_only = force_lerp || config.method == Method::Lerp;
+        let prepared = crate::cube::prepare(a.clone(), b.clone(), k, config, lerp_only);
+        let out = crate::cube::apply(a, b, prepared.clone()).cast(out_dtype);
+        let pending = Pending {
+            prepared,
+            numel: n,
+            per_row,
+        };
+        return Some((out, Some(Summary::Pending(pending))));
+    }
 
     let generic_stats = || {
         if per_row {
@@ -323,7 +396,7 @@ pub(crate) fn interpolate<const D: usize>(
             .iter()
             .flat_map(|c| [c.c0 as f32, c.c1 as f32])
             .collect();
-        return Some((kernels::combine(a, b, flat), Some(summary)));
+        return Some((kernels::combine(a, b, flat), Some(Summary::Ready(summary))));
     }
     let out = if per_row {
         let device = a.device();
@@ -339,7 +412,7 @@ pub(crate) fn interpolate<const D: usize>(
     } else {
         a.mul_scalar(coeffs[0].c0).add(b.mul_scalar(coeffs[0].c1))
     };
-    Some((out.cast(out_dtype), Some(summary)))
+    Some((out.cast(out_dtype), Some(Summary::Ready(summary))))
 }
 
 /// Which implementation `interpolate` may use.

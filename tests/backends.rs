@@ -23,6 +23,7 @@ macro_rules! device_suite {
                 huge_values_do_not_overflow,
                 accuracy_bar_at_ten_million,
                 fused_and_generic_paths_agree,
+                row_shapes_at_the_kernel_limits,
                 half_precision_is_f32_rounded_once,
                 f64_tensors_are_computed_in_f64,
                 invalid_t_is_error,
