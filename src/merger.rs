@@ -61,6 +61,11 @@ impl SlerpMerger {
     /// only then is anything computed. `t = 0` returns `a`'s values and `t = 1` `b`'s, bit for
     /// bit, without a finiteness check.
     ///
+    /// On the CPU backends each tensor's statistics (a few numbers per tensor or row) are read
+    /// back as it is merged. On CubeCL devices (wgpu) nothing is read until every tensor has
+    /// been queued; then the statistics of all of them come back in one read per device, so
+    /// the device never waits on the host in the middle of a merge.
+    ///
     /// # Arguments
     ///
     /// * `a` - the model at `t = 0`; it also gives the structure, ids, int and bool parameters
