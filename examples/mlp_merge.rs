@@ -6,9 +6,12 @@
 //!    split.
 //! 2. Trains a base MLP briefly on all classes, then fine-tunes one copy on classes 0–3 and
 //!    another on classes 4–7: two relatives, as real fine-tunes are.
-//! 3. Merges the pair with SLERP and with linear interpolation at every t, and prints held-out
-//!    accuracy and loss of each merged model.
-//! 4. For contrast, merges two independently initialised models trained on the same halves.
+//! 3. Sweeps t from 0 to 1 with SLERP and with linear interpolation, scoring every merged model
+//!    by held-out accuracy; prints the table, the best t and a text plot.
+//! 4. Merges the fine-tunes' task vectors (their differences from the base) at t = 0.5.
+//! 5. Plans and reports a recipe with per-layer factors.
+//! 6. For contrast, merges two independently initialised models trained on the same halves,
+//!    and shows the report's warning.
 
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -16,7 +19,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use burn_slerp::{MergeError, Method, SlerpConfig, SlerpMerger};
+use burn_slerp::{MergeError, Method, Schedule, SlerpConfig, SlerpMerger};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -146,10 +149,6 @@ fn evaluate(model: &Mlp, split: &Split, device: &Device) -> (f64, f64) {
     (correct as f64 / split.len() as f64, loss)
 }
 
-fn merge_at(a: &Mlp, b: &Mlp, t: f64, method: Method) -> Result<Mlp, MergeError> {
-    SlerpMerger::new(SlerpConfig::new(t).with_method(method))?.merge(a, b)
-}
-
 fn device() -> Device {
     #[cfg(feature = "wgpu")]
     let device = Device::wgpu(Default::default());
@@ -205,40 +204,64 @@ fn main() -> Result<(), MergeError> {
     let (acc, loss) = evaluate(&base, &test, &device);
     println!("base (10 steps on all classes): accuracy {acc:.3}, loss {loss:.3}");
 
-    // 3. The spectrum between the two fine-tunes.
+    // 3. The spectrum between the two fine-tunes: a sweep, scored by held-out accuracy.
+    let ts: Vec<f64> = (0..=10).map(|step| step as f64 / 10.0).collect();
+    let score = |model: &Mlp, _t: f64| evaluate(model, &test, &device).0;
+    let slerp = SlerpMerger::new(SlerpConfig::new(0.5))?;
+    let lerp = SlerpMerger::new(SlerpConfig::new(0.5).with_method(Method::Lerp))?;
+    let slerp_sweep = slerp.sweep(&tuned_a, &tuned_b, ts.iter().copied(), score)?;
+    let lerp_sweep = lerp.sweep(&tuned_a, &tuned_b, ts.iter().copied(), score)?;
     println!("\nfine-tune A (classes 0-3) at t = 0 ... fine-tune B (classes 4-7) at t = 1");
-    println!("   t | SLERP acc | SLERP loss | lerp acc | lerp loss");
-    println!("-----+-----------+------------+----------+----------");
-    for step in 0..=10 {
-        let t = step as f64 / 10.0;
-        let (sa, sl) = evaluate(
-            &merge_at(&tuned_a, &tuned_b, t, Method::Slerp)?,
-            &test,
-            &device,
-        );
-        let (la, ll) = evaluate(
-            &merge_at(&tuned_a, &tuned_b, t, Method::Lerp)?,
-            &test,
-            &device,
-        );
-        println!("{t:>4.1} | {sa:>9.3} | {sl:>10.3} | {la:>8.3} | {ll:>9.3}");
+    println!("   t | SLERP acc | lerp acc");
+    println!("-----+-----------+---------");
+    for (s, l) in slerp_sweep.points.iter().zip(&lerp_sweep.points) {
+        println!("{:>4.1} | {:>9.3} | {:>8.3}", s.t, s.score, l.score);
     }
+    if let Some(best) = slerp_sweep.best {
+        println!(
+            "best SLERP merge: t = {:.1}, accuracy {:.3}",
+            best.t, best.score
+        );
+    }
+    println!("\nSLERP accuracy against t:\n{}", slerp_sweep.plot(8));
 
-    // 4. Contrast: no common ancestor.
+    // 4. Task vectors: the fine-tunes' differences from the base, merged on the sphere.
+    let plain = slerp.merge(&tuned_a, &tuned_b)?;
+    let task = slerp.merge_with_base(&base, &tuned_a, &tuned_b)?;
+    let (pa, pl) = evaluate(&plain, &test, &device);
+    let (ta, tl) = evaluate(&task, &test, &device);
+    println!(
+        "t = 0.5: SLERP of the weights gives accuracy {pa:.3} (loss {pl:.3}); SLERP of the task \
+         vectors from the base gives {ta:.3} (loss {tl:.3})"
+    );
+
+    // 5. A recipe: the hidden layer leans to A, the output layer to B; the plan and the report.
+    let recipe = SlerpConfig::new(0.5).with_schedule(Some(
+        Schedule::new()
+            .with_rule("hidden.*", 0.3.into())
+            .with_rule("output.*", 0.7.into()),
+    ));
+    let merger = SlerpMerger::new(recipe)?;
+    println!("\nplan:\n{}", merger.plan(&tuned_a, &tuned_b)?);
+    let (merged, report) = merger.merge_with_report(&tuned_a, &tuned_b)?;
+    let (ra, rl) = evaluate(&merged, &test, &device);
+    println!("report:\n{report}recipe merge: accuracy {ra:.3}, loss {rl:.3}");
+
+    // 6. Contrast: no common ancestor.
     device.seed(seed + 1);
     let lone_a = train(Mlp::new(&device), &first, 180, 3e-3, &device);
     let lone_b = train(Mlp::new(&device), &second, 180, 3e-3, &device);
     let (ea, _) = evaluate(&lone_a, &test, &device);
     let (eb, _) = evaluate(&lone_b, &test, &device);
-    let (sa, sl) = evaluate(
-        &merge_at(&lone_a, &lone_b, 0.5, Method::Slerp)?,
-        &test,
-        &device,
-    );
+    let (merged, report) = slerp.merge_with_report(&lone_a, &lone_b)?;
+    let (sa, sl) = evaluate(&merged, &test, &device);
     println!(
         "\nindependently initialised pair (accuracy {ea:.3} and {eb:.3} alone): SLERP at t = 0.5 \
-         gives accuracy {sa:.3}, loss {sl:.3}. Merging presumes relatives."
+         gives accuracy {sa:.3}, loss {sl:.3}. Merging presumes relatives; the report says:"
     );
+    for warning in &report.warnings {
+        println!("warning: {warning}");
+    }
     println!("finished in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }

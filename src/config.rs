@@ -1,8 +1,9 @@
 //! What a merge computes: [`SlerpConfig`], [`Granularity`] and [`Method`].
 
 use burn::config::Config;
+use serde::{Deserialize, Serialize};
 
-use crate::MergeError;
+use crate::{MergeError, Schedule};
 
 /// How a tensor is split into the vectors that are interpolated.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -28,38 +29,122 @@ pub enum Method {
     Lerp,
 }
 
-/// Configuration of a SLERP merge.
+/// Configuration of a SLERP merge: a recipe.
 ///
-/// Build it with [`SlerpConfig::new`] and the `with_*` setters; it serializes to JSON with
-/// Burn's [`Config`] trait (`save`/`load`), so a merge can be recorded and replayed.
+/// Build it with [`SlerpConfig::new`] and the `with_*` setters. It is a Burn [`Config`]
+/// (`save`/`load` as JSON), so a merge can be recorded and replayed bit for bit; a hand-written
+/// recipe may leave out every field that has a default (`{"t": 0.5}` is a whole recipe), and a
+/// field the recipe does not know is an error rather than silently ignored.
 ///
 /// ```
-/// use burn_slerp::{Granularity, Method, SlerpConfig};
+/// use burn_slerp::{Granularity, Method, Schedule, SlerpConfig};
 ///
 /// let config = SlerpConfig::new(0.3)
 ///     .with_granularity(Granularity::Row)
 ///     .with_dot_threshold(Some(0.9995))
-///     .with_method(Method::Slerp);
+///     .with_method(Method::Slerp)
+///     .with_schedule(Some(Schedule::new().with_rule("**.attn.**", vec![0.0, 1.0].into())));
 /// assert!(config.validate().is_ok());
+///
+/// let recipe: SlerpConfig = serde_json::from_str(r#"{"t": 0.5}"#).unwrap();
+/// assert_eq!(recipe, SlerpConfig::new(0.5));
 /// ```
-#[derive(Config, Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SlerpConfig {
-    /// Interpolation factor, in [0, 1]: 0 gives model `a`, 1 gives model `b`.
+    /// Interpolation factor, in [0, 1]: 0 gives model `a`, 1 gives model `b`. With a
+    /// schedule, the factor of the parameters no rule matches.
     pub t: f64,
     /// Whole-tensor (default) or per-row interpolation.
-    #[config(default = "Granularity::Tensor")]
+    #[serde(default = "default_granularity")]
     pub granularity: Granularity,
     /// `None` (default): exact SLERP, continuous down to identical tensors, no threshold.
     /// `Some(x)`, `x` finite in (0, 1]: mergekit-compatible, linear interpolation whenever
     /// `|cos θ| > x` (mergekit uses 0.9995).
+    #[serde(default)]
     pub dot_threshold: Option<f64>,
     /// Norm below which a tensor counts as zero and the pair is linearly interpolated.
     /// Finite and ≥ 0; default 1e-8.
-    #[config(default = 1e-8)]
+    #[serde(default = "default_eps")]
     pub eps: f64,
     /// SLERP (default) or the linear baseline.
-    #[config(default = "Method::Slerp")]
+    #[serde(default = "default_method")]
     pub method: Method,
+    /// Per-parameter factors (`None` by default: `t` everywhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+}
+
+fn default_granularity() -> Granularity {
+    Granularity::Tensor
+}
+
+fn default_eps() -> f64 {
+    1e-8
+}
+
+fn default_method() -> Method {
+    Method::Slerp
+}
+
+impl Config for SlerpConfig {}
+
+impl std::fmt::Display for SlerpConfig {
+    /// The recipe as JSON.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let json = serde_json::to_string_pretty(self).map_err(|_| std::fmt::Error)?;
+        f.write_str(&json)
+    }
+}
+
+impl SlerpConfig {
+    /// A configuration with factor `t` and every other field at its default.
+    pub fn new(t: f64) -> Self {
+        Self {
+            t,
+            granularity: default_granularity(),
+            dot_threshold: None,
+            eps: default_eps(),
+            method: default_method(),
+            schedule: None,
+        }
+    }
+
+    /// Sets [`SlerpConfig::t`].
+    pub fn with_t(mut self, t: f64) -> Self {
+        self.t = t;
+        self
+    }
+
+    /// Sets [`SlerpConfig::granularity`].
+    pub fn with_granularity(mut self, granularity: Granularity) -> Self {
+        self.granularity = granularity;
+        self
+    }
+
+    /// Sets [`SlerpConfig::dot_threshold`].
+    pub fn with_dot_threshold(mut self, dot_threshold: Option<f64>) -> Self {
+        self.dot_threshold = dot_threshold;
+        self
+    }
+
+    /// Sets [`SlerpConfig::eps`].
+    pub fn with_eps(mut self, eps: f64) -> Self {
+        self.eps = eps;
+        self
+    }
+
+    /// Sets [`SlerpConfig::method`].
+    pub fn with_method(mut self, method: Method) -> Self {
+        self.method = method;
+        self
+    }
+
+    /// Sets [`SlerpConfig::schedule`].
+    pub fn with_schedule(mut self, schedule: Option<Schedule>) -> Self {
+        self.schedule = schedule;
+        self
+    }
 }
 
 impl SlerpConfig {
@@ -69,7 +154,7 @@ impl SlerpConfig {
     ///
     /// [`MergeError::InvalidT`] when `t` is not a finite number in [0, 1];
     /// [`MergeError::InvalidConfig`] when `eps` is negative or not finite, or `dot_threshold`
-    /// is not finite or outside (0, 1].
+    /// is not finite or outside (0, 1]; [`MergeError::InvalidSchedule`] for a bad rule.
     pub fn validate(&self) -> Result<(), MergeError> {
         if !(self.t.is_finite() && (0.0..=1.0).contains(&self.t)) {
             return Err(MergeError::InvalidT { t: self.t });
@@ -87,6 +172,9 @@ impl SlerpConfig {
                 field: "dot_threshold",
                 value: threshold,
             });
+        }
+        if let Some(schedule) = &self.schedule {
+            schedule.validate()?;
         }
         Ok(())
     }
@@ -135,6 +223,52 @@ mod tests {
                 config.dot_threshold.map(f64::to_bits)
             );
             assert_eq!(loaded, config);
+        }
+        std::fs::remove_file(&file).unwrap();
+    }
+
+    #[test]
+    fn hand_written_recipes_may_leave_out_defaults() {
+        let minimal: SlerpConfig = serde_json::from_str(r#"{"t": 0.5}"#).unwrap();
+        assert_eq!(minimal, SlerpConfig::new(0.5));
+        let full: SlerpConfig = serde_json::from_str(
+            r#"{"t": 0.25, "granularity": "Row", "schedule": [
+                {"filter": "**.attn.**", "t": [0.0, 0.5, 1.0]},
+                {"filter": "head.*", "t": 0.75}
+            ]}"#,
+        )
+        .unwrap();
+        let want = SlerpConfig::new(0.25)
+            .with_granularity(Granularity::Row)
+            .with_schedule(Some(
+                Schedule::new()
+                    .with_rule("**.attn.**", vec![0.0, 0.5, 1.0].into())
+                    .with_rule("head.*", 0.75.into()),
+            ));
+        assert_eq!(full, want);
+        // A misspelt field is an error, not a silent default.
+        let typo = serde_json::from_str::<SlerpConfig>(r#"{"t": 0.5, "granularty": "Row"}"#);
+        assert!(typo.unwrap_err().to_string().contains("granularty"));
+        assert!(serde_json::from_str::<SlerpConfig>(r#"{"eps": 0.1}"#).is_err());
+    }
+
+    #[test]
+    fn recipes_with_schedules_replay_bit_for_bit() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let file =
+            std::env::temp_dir().join(format!("burn-slerp-recipe-{}.json", std::process::id()));
+        for _ in 0..100 {
+            let gradient: Vec<f64> = (0..rng.random_range(1..6)).map(|_| rng.random()).collect();
+            let config = SlerpConfig::new(rng.random()).with_schedule(Some(
+                Schedule::new()
+                    .with_rule("layers.*.attn.**", gradient.into())
+                    .with_rule("**.bias", rng.random::<f64>().into()),
+            ));
+            config.save(&file).unwrap();
+            let loaded = SlerpConfig::load(&file).unwrap();
+            assert_eq!(loaded, config);
+            assert_eq!(loaded.to_string(), config.to_string());
         }
         std::fs::remove_file(&file).unwrap();
     }

@@ -28,6 +28,25 @@ pub enum MergeError {
         value: f64,
     },
 
+    /// A schedule rule is malformed: a bad glob, a factor outside [0, 1], an empty gradient.
+    #[error("schedule rule {rule} (`{filter}`) is invalid: {reason}")]
+    InvalidSchedule {
+        /// Index of the rule in the schedule.
+        rule: usize,
+        /// Its filter, as written.
+        filter: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// Merge weights that cannot weigh anything: a weight negative or not finite, all zero, or
+    /// not one weight per model.
+    #[error("invalid weights: {reason}")]
+    InvalidWeights {
+        /// What is wrong with them.
+        reason: String,
+    },
+
     /// The two tensors at one path have different shapes (shapes that would merely broadcast,
     /// such as `[2, 3]` and `[1, 3]`, are mismatches too).
     #[error(

@@ -60,13 +60,21 @@ mod config;
 mod cube;
 mod error;
 mod kernels;
+mod mean;
 mod merger;
+mod report;
+mod schedule;
 mod slerp;
 mod stats;
 
 pub use config::{Granularity, Method, SlerpConfig};
 pub use error::MergeError;
+pub use mean::{MeanStats, SphericalMean};
 pub use merger::SlerpMerger;
+pub use report::{
+    MergePlan, MergeReport, PlanEntry, RELATIVES_COSINE, ReportSummary, Sweep, SweepPoint,
+};
+pub use schedule::{Factor, Rule, Schedule};
 pub use slerp::slerp;
 #[doc(hidden)]
 pub use slerp::slerp_generic;

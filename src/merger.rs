@@ -5,8 +5,10 @@ use std::any::Any;
 use std::collections::HashMap;
 
 use burn::module::{Flag, Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::{Bool, DType, Device, Int, Tensor};
+use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor};
 
+use crate::report::{MergePlan, MergeReport, PlanEntry, Sweep, SweepPoint};
+use crate::schedule::LayerPositions;
 use crate::slerp::{Leaf, Path, Summary, check_dtype, interpolate, resolve, same_device};
 use crate::{MergeError, SlerpConfig, TensorStats};
 
@@ -103,7 +105,125 @@ impl SlerpMerger {
         a: &M,
         b: &M,
     ) -> Result<(M, Vec<TensorStats>), MergeError> {
+        self.run(None, a, b, self.config.t)
+    }
+
+    /// [`merge`](Self::merge), also returning a [`MergeReport`]: per tensor its factor, angle,
+    /// cosine, norms and branch, a summary (parameters merged, angle distribution, lerp
+    /// fallbacks by reason) and warnings, such as inputs that do not look like relatives. The
+    /// report comes from the reductions the merge does anyway; it prints as a table and
+    /// serializes to JSON.
+    ///
+    /// # Errors
+    ///
+    /// As [`merge`](Self::merge).
+    pub fn merge_with_report<M: Module>(
+        &self,
+        a: &M,
+        b: &M,
+    ) -> Result<(M, MergeReport), MergeError> {
+        let (merged, tensors) = self.run(None, a, b, self.config.t)?;
+        Ok((merged, MergeReport::new(tensors)))
+    }
+
+    /// Task-vector SLERP: `base + slerp(a − base, b − base, t)` for every float parameter.
+    ///
+    /// Fine-tunes of one base differ from it by a few percent, so the SLERP of their weights
+    /// is nearly a lerp; their task vectors (`a − base`, `b − base`) are nearly orthogonal,
+    /// and there lerp keeps only `≈ 0.71` of their norm at `t = 0.5` while SLERP keeps all of
+    /// it. `t = 0` and `t = 1` return `a` and `b` bit for bit; int and bool parameters, flags
+    /// and autodiff state come from `a`. The schedule applies as in [`merge`](Self::merge).
+    ///
+    /// # Errors
+    ///
+    /// As [`merge`](Self::merge), with `base` checked against `a` like `b` is.
+    pub fn merge_with_base<M: Module>(&self, base: &M, a: &M, b: &M) -> Result<M, MergeError> {
+        check_structure(a, base)?;
+        self.run(Some(base), a, b, self.config.t)
+            .map(|(merged, _)| merged)
+    }
+
+    /// The dry run of [`merge`](Self::merge): every check `merge` makes before computing
+    /// (configuration, schedule, structure, shapes, devices, dtypes; not finiteness, which
+    /// needs the data), and per float tensor the path, shape, dtype (when the tensor exists:
+    /// lazy parameters are not initialised to find out), factor, layer position, granularity
+    /// and method. Nothing is computed. Schedule rules that match no parameter are warnings.
+    ///
+    /// # Errors
+    ///
+    /// As [`merge`](Self::merge), except [`MergeError::NonFinite`].
+    pub fn plan<M: Module>(&self, a: &M, b: &M) -> Result<MergePlan, MergeError> {
         check_structure(a, b)?;
+        let assignment = assign(&self.config, self.config.t, a)?;
+        let mut slots = StructureCollector::default();
+        a.visit(&mut slots);
+        let entries = slots
+            .order
+            .into_iter()
+            .filter(|(_, slot)| slot.kind == "float")
+            .map(|(path, slot)| {
+                let (t, rule, position) = assignment.by_path[&path];
+                PlanEntry {
+                    path,
+                    shape: slot.shape,
+                    dtype: slot.dtype.map(|d| format!("{d:?}")),
+                    t,
+                    rule,
+                    position,
+                    granularity: self.config.granularity,
+                    method: self.config.method,
+                }
+            })
+            .collect();
+        Ok(MergePlan {
+            entries,
+            warnings: assignment.warnings,
+        })
+    }
+
+    /// Merges `a` and `b` at every factor of `ts` and scores each merged model with `score`
+    /// (higher is better; negate a loss), for picking a model from the spectrum between the
+    /// two. Every point is merged from the inputs, nothing accumulates; the swept factor
+    /// replaces the configuration's `t`, and schedule rules keep their own values. A score
+    /// that is NaN is recorded but never best.
+    ///
+    /// # Errors
+    ///
+    /// [`MergeError::InvalidT`] for a factor outside [0, 1] (before anything is merged); the
+    /// errors of [`merge`](Self::merge).
+    pub fn sweep<M: Module>(
+        &self,
+        a: &M,
+        b: &M,
+        ts: impl IntoIterator<Item = f64>,
+        mut score: impl FnMut(&M, f64) -> f64,
+    ) -> Result<Sweep, MergeError> {
+        let ts: Vec<f64> = ts.into_iter().collect();
+        for t in &ts {
+            self.config.clone().with_t(*t).validate()?;
+        }
+        let mut points = Vec::with_capacity(ts.len());
+        for t in ts {
+            let (merged, _) = self.run(None, a, b, t)?;
+            points.push(SweepPoint {
+                t,
+                score: score(&merged, t),
+            });
+        }
+        Ok(Sweep::new(points))
+    }
+
+    /// The merge behind every public entry point: `b` (and `base` for task vectors) paired
+    /// with `a` by path, `default_t` for parameters no schedule rule matches.
+    fn run<M: Module>(
+        &self,
+        base: Option<&M>,
+        a: &M,
+        b: &M,
+        default_t: f64,
+    ) -> Result<(M, Vec<TensorStats>), MergeError> {
+        check_structure(a, b)?;
+        let assignment = assign(&self.config, default_t, a)?;
 
         // What the result takes from `a` as it is: int and bool params, flags, autodiff state.
         let mut originals = Originals::default();
@@ -113,12 +233,22 @@ impl SlerpMerger {
         let fresh_a = a.valid();
         let mut others = FloatCollector::default();
         b.valid().visit(&mut others);
+        let bases = base.map(|base| {
+            let mut bases = FloatCollector::default();
+            base.valid().visit(&mut bases);
+            bases.tensors
+        });
 
         let mut mapper = SlerpMapper {
-            config: &self.config,
+            config: SlerpConfig {
+                schedule: None,
+                ..self.config.clone()
+            },
+            ts: assignment.by_path,
             path: PathStack::default(),
             originals,
             others: others.tensors,
+            bases,
             non_finite: None,
             stats: Vec::new(),
         };
@@ -157,18 +287,72 @@ impl SlerpMerger {
     }
 }
 
+/// The factor of every float parameter: `(t, rule, layer position)` by path, and the
+/// schedule's warnings.
+struct Assignment {
+    by_path: HashMap<String, (f64, Option<usize>, f64)>,
+    warnings: Vec<String>,
+}
+
+fn assign<M: Module>(
+    config: &SlerpConfig,
+    default_t: f64,
+    a: &M,
+) -> Result<Assignment, MergeError> {
+    config.clone().with_t(default_t).validate()?;
+    let rules = config
+        .schedule
+        .as_ref()
+        .map(|s| s.rules.as_slice())
+        .unwrap_or_default();
+    let globs = match &config.schedule {
+        Some(schedule) => schedule.compile()?,
+        None => Vec::new(),
+    };
+    let mut positions = LayerPositions::default();
+    a.visit(&mut positions);
+    let mut used = vec![false; globs.len()];
+    let by_path = positions
+        .finish()
+        .into_iter()
+        .map(|(path, position)| {
+            let rule = globs.iter().position(|g| g.matches(&path));
+            let t = match rule {
+                Some(r) => {
+                    used[r] = true;
+                    rules[r].t.at(position)
+                }
+                None => default_t,
+            };
+            (path, (t, rule, position))
+        })
+        .collect();
+    let warnings = used
+        .iter()
+        .enumerate()
+        .filter(|(_, used)| !**used)
+        .map(|(r, _)| {
+            format!(
+                "schedule rule {r} (`{}`) matches no parameter",
+                rules[r].filter
+            )
+        })
+        .collect();
+    Ok(Assignment { by_path, warnings })
+}
+
 /// A stack of module names, joined into dotted paths.
 #[derive(Default)]
-struct PathStack(Vec<String>);
+pub(crate) struct PathStack(Vec<String>);
 
 impl PathStack {
-    fn push(&mut self, name: &str) {
+    pub(crate) fn push(&mut self, name: &str) {
         self.0.push(name.to_string());
     }
-    fn pop(&mut self) {
+    pub(crate) fn pop(&mut self) {
         self.0.pop();
     }
-    fn current(&self) -> String {
+    pub(crate) fn current(&self) -> String {
         self.0.join(".")
     }
 }
@@ -238,7 +422,7 @@ impl ModuleVisitor for StructureCollector {
 }
 
 /// Everything `merge` checks before computing anything.
-fn check_structure<M: Module>(a: &M, b: &M) -> Result<(), MergeError> {
+pub(crate) fn check_structure<M: Module>(a: &M, b: &M) -> Result<(), MergeError> {
     let mut in_a = StructureCollector::default();
     a.visit(&mut in_a);
     let mut in_b = StructureCollector::default();
@@ -290,12 +474,22 @@ fn check_structure<M: Module>(a: &M, b: &M) -> Result<(), MergeError> {
 
 /// What the result takes from the original `a`, by path.
 #[derive(Default)]
-struct Originals {
+pub(crate) struct Originals {
     path: PathStack,
-    leaves: HashMap<String, Leaf>,
+    pub(crate) leaves: HashMap<String, Leaf>,
     /// `Param<Tensor<D, Int>>` and `Param<Tensor<D, Bool>>`, type-erased over `D`.
     discrete: HashMap<String, Box<dyn Any + Send>>,
-    flags: HashMap<String, Param<Flag>>,
+    pub(crate) flags: HashMap<String, Param<Flag>>,
+}
+
+impl Originals {
+    /// `a`'s int or bool parameter at `path`, in place of `param`.
+    pub(crate) fn take_discrete<T: 'static>(&mut self, path: &str, param: T) -> T {
+        match self.discrete.remove(path) {
+            Some(original) => original.downcast::<T>().map_or(param, |p| *p),
+            None => param,
+        }
+    }
 }
 
 impl ModuleVisitor for Originals {
@@ -324,9 +518,9 @@ impl ModuleVisitor for Originals {
 
 /// Model `b`'s float values by path, without autodiff (type-erased over the rank).
 #[derive(Default)]
-struct FloatCollector {
+pub(crate) struct FloatCollector {
     path: PathStack,
-    tensors: HashMap<String, Box<dyn Any + Send>>,
+    pub(crate) tensors: HashMap<String, Box<dyn Any + Send>>,
 }
 
 impl ModuleVisitor for FloatCollector {
@@ -343,27 +537,57 @@ impl ModuleVisitor for FloatCollector {
 }
 
 /// Maps the fresh copy of `a` into the merged model.
-struct SlerpMapper<'a> {
-    config: &'a SlerpConfig,
+struct SlerpMapper {
+    /// The configuration without its schedule; each tensor gets its own `t`.
+    config: SlerpConfig,
+    ts: HashMap<String, (f64, Option<usize>, f64)>,
     path: PathStack,
     originals: Originals,
     others: HashMap<String, Box<dyn Any + Send>>,
+    /// The base model's float values, for task-vector merges.
+    bases: Option<HashMap<String, Box<dyn Any + Send>>>,
     /// The first parameter found to hold a NaN or an infinity; nothing is computed after it.
     non_finite: Option<String>,
     /// What was computed for each float parameter, in `a`'s order.
     stats: Vec<(String, Summary)>,
 }
 
-impl SlerpMapper<'_> {
+impl SlerpMapper {
     fn take_discrete<T: 'static>(&mut self, param: T) -> T {
-        match self.originals.discrete.remove(&self.path.current()) {
-            Some(original) => original.downcast::<T>().map_or(param, |p| *p),
-            None => param,
-        }
+        self.originals.take_discrete(&self.path.current(), param)
     }
 }
 
-impl ModuleMapper for SlerpMapper<'_> {
+/// `base + slerp(a − base, b − base)`, computed in f32 (f64 for f64 tensors) and returned in
+/// `a`'s dtype; `t = 0` and `t = 1` return `a` and `b` themselves.
+fn task_vector_merge<const D: usize>(
+    base: Tensor<D>,
+    a: Tensor<D>,
+    b: Tensor<D>,
+    config: &SlerpConfig,
+) -> Option<(Tensor<D>, Option<Summary>)> {
+    let dtype = a.dtype();
+    if config.t == 0.0 {
+        return Some((a, None));
+    }
+    if config.t == 1.0 {
+        return Some((b.cast(dtype), None));
+    }
+    let compute = if dtype == DType::F64 {
+        FloatDType::F64
+    } else {
+        FloatDType::F32
+    };
+    let base = base.cast(compute);
+    let (da, db) = (
+        a.cast(compute).sub(base.clone()),
+        b.cast(compute).sub(base.clone()),
+    );
+    let (out, summary) = interpolate(da, db, config, Path::Auto)?;
+    Some((base.add(out).cast(dtype), summary))
+}
+
+impl ModuleMapper for SlerpMapper {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
         self.path.push(name);
     }
@@ -384,12 +608,27 @@ impl ModuleMapper for SlerpMapper<'_> {
         else {
             return param;
         };
+        let base = match &mut self.bases {
+            Some(bases) => match bases
+                .remove(&path)
+                .and_then(|t| t.downcast::<Tensor<D>>().ok())
+            {
+                Some(base) => Some(*base),
+                None => return param,
+            },
+            None => None,
+        };
         let leaf = self.originals.leaves.get(&path).copied();
-        let config = self.config;
+        let t = self.ts.get(&path).map_or(self.config.t, |(t, _, _)| *t);
+        let config = self.config.clone().with_t(t);
         let mut summary = None;
         let mut finite = true;
-        let param = param.map(
-            |a| match interpolate(a.clone(), *other, config, Path::Auto) {
+        let param = param.map(|a| {
+            let result = match base {
+                Some(base) => task_vector_merge(base, a.clone(), *other, &config),
+                None => interpolate(a.clone(), *other, &config, Path::Auto),
+            };
+            match result {
                 Some((out, stats)) => {
                     summary = stats;
                     match leaf {
@@ -401,8 +640,8 @@ impl ModuleMapper for SlerpMapper<'_> {
                     finite = false;
                     a
                 }
-            },
-        );
+            }
+        });
         if !finite {
             self.non_finite = Some(path);
         } else if let Some(summary) = summary {

@@ -198,7 +198,7 @@ pub(crate) struct Coefficients {
 }
 
 /// `sin(x)/x`, with its Taylor series near 0 so that it is exact to f64 rounding everywhere.
-fn sinc(x: f64) -> f64 {
+pub(crate) fn sinc(x: f64) -> f64 {
     if x.abs() < 1e-3 {
         let x2 = x * x;
         1.0 - x2 / 6.0 + x2 * x2 / 120.0
@@ -259,6 +259,7 @@ pub(crate) struct Pending {
     /// `[rows, 8]` f32, as the CubeCL kernels write it.
     prepared: Tensor<2>,
     numel: usize,
+    t: f64,
     per_row: bool,
 }
 
@@ -289,7 +290,7 @@ pub(crate) fn resolve(pending: Vec<Pending>) -> Vec<Option<TensorStats>> {
                 offset += rows * crate::cube::WIDTH;
                 if decoded.iter().all(|(s, _)| s.is_finite()) {
                     let (stats, coeffs): (Vec<_>, Vec<_>) = decoded.into_iter().unzip();
-                    out[index] = Some(TensorStats::new(p.numel, &stats, &coeffs, p.per_row));
+                    out[index] = Some(TensorStats::new(p.numel, p.t, &stats, &coeffs, p.per_row));
                 }
             }
         }
@@ -354,6 +355,7 @@ pub(crate) fn interpolate<const D: usize>(
         let pending = Pending {
             prepared,
             numel: n,
+            t: config.t,
             per_row,
         };
         return Some((out, Some(Summary::Pending(pending))));
@@ -390,7 +392,7 @@ pub(crate) fn interpolate<const D: usize>(
         coeffs.push(c);
     }
 
-    let summary = TensorStats::new(n, &stats, &coeffs, per_row);
+    let summary = TensorStats::new(n, config.t, &stats, &coeffs, per_row);
     if fused {
         let flat = coeffs
             .iter()
@@ -425,7 +427,7 @@ pub(crate) enum Path {
 }
 
 /// Whole-tensor statistics of two flat tensors.
-fn tensor_stats(a: Tensor<1>, b: Tensor<1>) -> PairStats {
+pub(crate) fn tensor_stats(a: Tensor<1>, b: Tensor<1>) -> PairStats {
     let n = a.dims()[0];
     if native_f64(&a.device()) {
         // One row: the f64 sum is accurate to far below the accuracy bar at 1e8 elements.

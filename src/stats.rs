@@ -33,6 +33,9 @@ pub enum Branch {
 pub struct TensorStats {
     /// Dotted module path (empty for the free function).
     pub path: String,
+    /// The interpolation factor this tensor was merged at (a schedule may give each tensor
+    /// its own).
+    pub t: f64,
     /// Number of elements.
     pub numel: usize,
     /// `‖a‖` of the whole tensor.
@@ -95,6 +98,7 @@ impl TensorStats {
     /// whole-tensor granularity).
     pub(crate) fn new(
         numel: usize,
+        t: f64,
         stats: &[PairStats],
         coefficients: &[Coefficients],
         per_row: bool,
@@ -124,6 +128,7 @@ impl TensorStats {
         });
         Self {
             path: String::new(),
+            t,
             numel,
             norm_a: total.aa.sqrt(),
             norm_b: total.bb.sqrt(),

@@ -42,6 +42,12 @@ macro_rules! device_suite {
                 swapping_inputs_mirrors_t,
                 results_stay_finite,
                 angle_to_a_grows_with_t,
+                schedule_gives_each_tensor_its_t,
+                plan_lists_tensors_without_computing,
+                report_summarises_and_warns_on_strangers,
+                task_vectors_keep_their_norm,
+                spherical_mean_of_n_models,
+                sweep_merges_each_t_from_the_inputs,
             );
         }
     };

@@ -7,6 +7,9 @@
 
 use std::collections::BTreeMap;
 
+pub mod recipes;
+pub use recipes::*;
+
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::nn::attention::{MultiHeadAttention, MultiHeadAttentionConfig};
 use burn::nn::conv::{Conv1d, Conv1dConfig, Conv2d, Conv2dConfig};
