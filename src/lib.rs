@@ -33,6 +33,15 @@
 //! * [`TensorStats`]: what [`SlerpMerger::merge_with_stats`] computed for each tensor (norms,
 //!   cosine, angle, [`Branch`]).
 //!
+//! ## Recipes
+//!
+//! * [`Schedule`]: per-parameter `t` by glob rules, constants or gradients over the layer stack.
+//! * [`SlerpMerger::plan`] ([`MergePlan`]): the dry run; [`SlerpMerger::merge_with_report`]
+//!   ([`MergeReport`]): what the merge did, with a warning for unrelated inputs.
+//! * [`SlerpMerger::merge_with_base`]: SLERP of task vectors from a common base.
+//! * [`SphericalMean`]: the weighted Karcher mean of N models.
+//! * [`SlerpMerger::sweep`] ([`Sweep`]): merge and score along `t`.
+//!
 //! ## Numerics
 //!
 //! For each pair of float tensors (or each pair of rows, with [`Granularity::Row`]):
