@@ -65,6 +65,8 @@
 //! | `ndarray` | burn-ndarray, CPU (deprecated upstream) | `Device::ndarray()` |
 //! | `wgpu` | burn-wgpu: Vulkan, Metal, DX12, GL | `Device::wgpu(Default::default())` |
 
+#[cfg(feature = "cli")]
+pub mod checkpoint;
 mod config;
 mod cube;
 mod error;

@@ -61,7 +61,7 @@ pub fn slerp<const D: usize>(
     b: Tensor<D>,
     config: &SlerpConfig,
 ) -> Result<Tensor<D>, MergeError> {
-    slerp_on(a, b, config, Path::Auto)
+    slerp_on(a, b, config, Path::Auto).map(|(out, _)| out)
 }
 
 /// [`slerp`] on the generic tensor-op path only, bypassing the fused kernels: the reference the
@@ -72,7 +72,7 @@ pub fn slerp_generic<const D: usize>(
     b: Tensor<D>,
     config: &SlerpConfig,
 ) -> Result<Tensor<D>, MergeError> {
-    slerp_on(a, b, config, Path::Generic)
+    slerp_on(a, b, config, Path::Generic).map(|(out, _)| out)
 }
 
 fn slerp_on<const D: usize>(
@@ -80,7 +80,7 @@ fn slerp_on<const D: usize>(
     b: Tensor<D>,
     config: &SlerpConfig,
     path: Path,
-) -> Result<Tensor<D>, MergeError> {
+) -> Result<(Tensor<D>, Option<TensorStats>), MergeError> {
     config.validate()?;
     let (shape_a, shape_b) = (a.dims().to_vec(), b.dims().to_vec());
     if shape_a != shape_b {
@@ -106,12 +106,24 @@ fn slerp_on<const D: usize>(
         path: String::new(),
     };
     let (out, summary) = interpolate(a.inner(), b.inner(), config, path).ok_or_else(non_finite)?;
-    if let Some(Summary::Pending(pending)) = summary
-        && resolve(vec![pending])[0].is_none()
-    {
-        return Err(non_finite());
-    }
-    Ok(leaf.restore(out))
+    let stats = match summary {
+        Some(Summary::Pending(pending)) => {
+            Some(resolve(vec![pending]).remove(0).ok_or_else(non_finite)?)
+        }
+        Some(Summary::Ready(stats)) => Some(stats),
+        None => None,
+    };
+    Ok((leaf.restore(out), stats))
+}
+
+/// [`slerp`] that also returns the statistics of the pair (`None` at `t = 0` and `t = 1`).
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
+pub(crate) fn slerp_with_stats<const D: usize>(
+    a: Tensor<D>,
+    b: Tensor<D>,
+    config: &SlerpConfig,
+) -> Result<(Tensor<D>, Option<TensorStats>), MergeError> {
+    slerp_on(a, b, config, Path::Auto)
 }
 
 /// Whether two tensors may be merged together: the same device, with or without autodiff.

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::LinearConfig;
 use burn::tensor::{Device, Tensor};
@@ -67,6 +68,23 @@ pub fn schedule_gives_each_tensor_its_t(device: &Device) {
     for s in &stats {
         assert_eq!(s.t, expected_t(&s.path), "{}", s.path);
     }
+
+    // The recipe saved to a file and loaded back replays the same model, bit for bit.
+    let file = std::env::temp_dir().join(format!(
+        "burn-slerp-recipe-{}-{:?}.json",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    merger.config().save(&file).unwrap();
+    let replayed = SlerpMerger::new(SlerpConfig::load(&file).unwrap())
+        .unwrap()
+        .merge(&a, &b)
+        .unwrap();
+    std::fs::remove_file(&file).unwrap();
+    assert!(
+        dump(&replayed) == dm,
+        "the replayed recipe gave another model"
+    );
 }
 
 pub fn plan_lists_tensors_without_computing(device: &Device) {

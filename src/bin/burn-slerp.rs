@@ -1,0 +1,293 @@
+//! `burn-slerp`: merge two checkpoint files by SLERP from the command line.
+//!
+//! ```text
+//! burn-slerp merge A B -o OUT [-t 0.5 | --recipe recipe.json] [--device flex|ndarray|wgpu]
+//!                      [--granularity tensor|row] [--mergekit] [--out-dtype f32|f16|bf16]
+//!                      [--union | --intersection] [--dry-run] [--report report.json] [--quiet]
+//! burn-slerp inspect A [B]
+//! ```
+//!
+//! Exit codes: 0 success, 1 merge, input or I/O error, 2 usage error.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use burn::config::Config;
+use burn::tensor::Device;
+use burn_slerp::checkpoint::{
+    CheckpointError, FileMerge, OutDType, Pairing, inspect, merge_files, plan_files, shapes,
+};
+use burn_slerp::{Granularity, SlerpConfig};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "burn-slerp",
+    version,
+    about = "Merge two checkpoints by spherical linear interpolation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Merge A and B (`.safetensors`) into OUT, one tensor at a time.
+    Merge {
+        /// The checkpoint at t = 0.
+        a: PathBuf,
+        /// The checkpoint at t = 1.
+        b: PathBuf,
+        /// The merged checkpoint (`.safetensors`).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Interpolation factor in [0, 1].
+        #[arg(short, long, conflicts_with = "recipe")]
+        t: Option<f64>,
+        /// A JSON recipe (a `SlerpConfig`, schedule included).
+        #[arg(long)]
+        recipe: Option<PathBuf>,
+        /// Where the arithmetic runs.
+        #[arg(long, value_enum, default_value_t = DeviceArg::Flex)]
+        device: DeviceArg,
+        /// One angle per tensor, or per row.
+        #[arg(long, value_enum)]
+        granularity: Option<GranularityArg>,
+        /// mergekit-compatible: lerp whenever |cos| > 0.9995.
+        #[arg(long)]
+        mergekit: bool,
+        /// dtype of merged float tensors (default: A's).
+        #[arg(long, value_enum)]
+        out_dtype: Option<OutDTypeArg>,
+        /// Copy tensors present in one input only from that input.
+        #[arg(long, conflicts_with = "intersection")]
+        union: bool,
+        /// Write only the tensors present in both inputs.
+        #[arg(long)]
+        intersection: bool,
+        /// Check everything and print the plan; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Write the merge report as JSON to this file.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Print nothing but errors.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// List a checkpoint's tensors; with B, how the two pair up.
+    Inspect {
+        /// A checkpoint.
+        a: PathBuf,
+        /// A second checkpoint to pair with the first.
+        b: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    Flex,
+    Ndarray,
+    Wgpu,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GranularityArg {
+    Tensor,
+    Row,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutDTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// A failure: the message and the exit code.
+struct Failure(String, u8);
+
+impl From<CheckpointError> for Failure {
+    fn from(e: CheckpointError) -> Self {
+        Failure(e.to_string(), 1)
+    }
+}
+
+fn device(arg: DeviceArg) -> Result<Device, Failure> {
+    match arg {
+        DeviceArg::Flex => Ok(Device::flex()),
+        #[cfg(feature = "ndarray")]
+        #[allow(deprecated)]
+        DeviceArg::Ndarray => Ok(Device::ndarray()),
+        #[cfg(feature = "wgpu")]
+        DeviceArg::Wgpu => Ok(Device::wgpu(Default::default())),
+        #[allow(unreachable_patterns)]
+        _ => Err(Failure(
+            "this build has no such device: rebuild with `--features cli,ndarray` or \
+             `--features cli,wgpu`"
+                .into(),
+            2,
+        )),
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Inspect { a, b } => {
+            let list = inspect(&a)?;
+            let total: usize = list
+                .iter()
+                .map(|(_, _, s)| s.iter().product::<usize>())
+                .sum();
+            for (name, dtype, shape) in &list {
+                println!("{name}  {dtype}  {shape:?}");
+            }
+            println!("{} tensors, {total} parameters", list.len());
+            if let Some(b) = b {
+                let (sa, sb) = (shapes(&a)?, shapes(&b)?);
+                let only_a: Vec<&String> = sa.keys().filter(|k| !sb.contains_key(*k)).collect();
+                let only_b: Vec<&String> = sb.keys().filter(|k| !sa.contains_key(*k)).collect();
+                let differ: Vec<&String> = sa
+                    .iter()
+                    .filter(|(k, s)| sb.get(*k).is_some_and(|t| t != *s))
+                    .map(|(k, _)| k)
+                    .collect();
+                println!(
+                    "pairing with {}: {} in both, {} only in A {:?}, {} only in B {:?}, {} with different shapes {:?}",
+                    b.display(),
+                    sa.len() - only_a.len(),
+                    only_a.len(),
+                    only_a,
+                    only_b.len(),
+                    only_b,
+                    differ.len(),
+                    differ
+                );
+            }
+            Ok(())
+        }
+        Command::Merge {
+            a,
+            b,
+            output,
+            t,
+            recipe,
+            device: device_arg,
+            granularity,
+            mergekit,
+            out_dtype,
+            union,
+            intersection,
+            dry_run,
+            report,
+            quiet,
+        } => {
+            let mut config = match (&recipe, t) {
+                (Some(path), _) => SlerpConfig::load(path)
+                    .map_err(|e| Failure(format!("{}: {e}", path.display()), 1))?,
+                (None, Some(t)) => SlerpConfig::new(t),
+                (None, None) => {
+                    return Err(Failure("give the factor with -t or a --recipe".into(), 2));
+                }
+            };
+            if let Some(g) = granularity {
+                config.granularity = match g {
+                    GranularityArg::Tensor => Granularity::Tensor,
+                    GranularityArg::Row => Granularity::Row,
+                };
+            }
+            if mergekit {
+                config.dot_threshold = Some(0.9995);
+            }
+            let options = FileMerge {
+                config,
+                device: device(device_arg)?,
+                pairing: if union {
+                    Pairing::Union
+                } else if intersection {
+                    Pairing::Intersection
+                } else {
+                    Pairing::Strict
+                },
+                out_dtype: out_dtype.map(|d| match d {
+                    OutDTypeArg::F32 => OutDType::F32,
+                    OutDTypeArg::F16 => OutDType::F16,
+                    OutDTypeArg::Bf16 => OutDType::BF16,
+                }),
+            };
+            let plan = plan_files(&a, &b, &options)?;
+            if dry_run {
+                print!("{plan}");
+                return Ok(());
+            }
+            for w in &plan.warnings {
+                eprintln!("warning: {w}");
+            }
+            let started = std::time::Instant::now();
+            let total = plan.entries.len();
+            let terminal = std::io::stderr().is_terminal();
+            let bar = (!quiet && terminal).then(|| {
+                let bar = indicatif::ProgressBar::new(total as u64);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{bar:30} {pos}/{len} tensors, {msg} [{elapsed} < {eta}]",
+                    )
+                    .expect("a valid template"),
+                );
+                bar
+            });
+            let (mut done, mut bytes) = (0usize, 0usize);
+            let mut progress = |name: &str, written: usize| {
+                done += 1;
+                bytes += written;
+                if let Some(bar) = &bar {
+                    bar.set_position(done as u64);
+                    let rate = bytes as f64 / started.elapsed().as_secs_f64().max(1e-9) / 1e6;
+                    bar.set_message(format!("{:.1} MB, {rate:.0} MB/s", bytes as f64 / 1e6));
+                } else if !quiet {
+                    eprintln!("[{done}] {name} ({written} bytes)");
+                }
+            };
+            let result = merge_files(&a, &b, &output, &options, &mut progress)?;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            if let Some(path) = report {
+                std::fs::write(&path, result.to_json())
+                    .map_err(|e| Failure(format!("{}: {e}", path.display()), 1))?;
+            }
+            if !quiet {
+                for w in &result.warnings {
+                    eprintln!("warning: {w}");
+                }
+                eprintln!(
+                    "merged {} tensors ({} parameters) into {} in {:.2} s",
+                    result.summary.tensors,
+                    result.summary.params,
+                    output.display(),
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(message, code)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
