@@ -18,6 +18,7 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata, SafeTensors, View};
 
 use crate::report::{MergePlan, MergeReport, PlanEntry};
+use crate::schedule::Resolver;
 use crate::slerp::slerp_with_stats;
 use crate::{MergeError, SlerpConfig, TensorStats};
 
@@ -460,18 +461,8 @@ fn prepare(
             missing_in_a,
         });
     }
-    let rules = options
-        .config
-        .schedule
-        .as_ref()
-        .map(|s| s.rules.clone())
-        .unwrap_or_default();
-    let globs = match &options.config.schedule {
-        Some(s) => s.compile()?,
-        None => Vec::new(),
-    };
+    let mut resolver = Resolver::new(options.config.schedule.as_ref(), options.config.t)?;
     let positions = layer_positions(&names_a);
-    let mut used = vec![false; globs.len()];
     let mut tensors = Vec::new();
     for name in &names_a {
         let (da, sa) = a.info(name).expect("listed");
@@ -502,14 +493,7 @@ fn prepare(
         }
         let job = if is_float(da) && is_float(db) {
             let position = positions[name];
-            let rule = globs.iter().position(|g| g.matches(name));
-            let t = match rule {
-                Some(r) => {
-                    used[r] = true;
-                    rules[r].t.at(position)
-                }
-                None => options.config.t,
-            };
+            let (t, rule) = resolver.resolve(name, position);
             Job::Merge { t, rule, position }
         } else if da == db && !is_float(da) {
             Job::CopyA
@@ -534,17 +518,7 @@ fn prepare(
             tensors.push((name.clone(), db, sb, Job::CopyB));
         }
     }
-    let warnings = used
-        .iter()
-        .enumerate()
-        .filter(|(_, u)| !**u)
-        .map(|(r, _)| {
-            format!(
-                "schedule rule {r} (`{}`) matches no tensor",
-                rules[r].filter
-            )
-        })
-        .collect();
+    let warnings = resolver.unused("tensor");
     Ok(Prepared { tensors, warnings })
 }
 

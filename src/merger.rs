@@ -8,7 +8,7 @@ use burn::module::{Flag, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor};
 
 use crate::report::{MergePlan, MergeReport, PlanEntry, Sweep, SweepPoint};
-use crate::schedule::LayerPositions;
+use crate::schedule::{LayerPositions, Resolver};
 use crate::slerp::{Leaf, Path, Summary, check_dtype, interpolate, resolve, same_device};
 use crate::{MergeError, SlerpConfig, TensorStats};
 
@@ -300,44 +300,18 @@ fn assign<M: Module>(
     a: &M,
 ) -> Result<Assignment, MergeError> {
     config.clone().with_t(default_t).validate()?;
-    let rules = config
-        .schedule
-        .as_ref()
-        .map(|s| s.rules.as_slice())
-        .unwrap_or_default();
-    let globs = match &config.schedule {
-        Some(schedule) => schedule.compile()?,
-        None => Vec::new(),
-    };
+    let mut resolver = Resolver::new(config.schedule.as_ref(), default_t)?;
     let mut positions = LayerPositions::default();
     a.visit(&mut positions);
-    let mut used = vec![false; globs.len()];
     let by_path = positions
         .finish()
         .into_iter()
         .map(|(path, position)| {
-            let rule = globs.iter().position(|g| g.matches(&path));
-            let t = match rule {
-                Some(r) => {
-                    used[r] = true;
-                    rules[r].t.at(position)
-                }
-                None => default_t,
-            };
+            let (t, rule) = resolver.resolve(&path, position);
             (path, (t, rule, position))
         })
         .collect();
-    let warnings = used
-        .iter()
-        .enumerate()
-        .filter(|(_, used)| !**used)
-        .map(|(r, _)| {
-            format!(
-                "schedule rule {r} (`{}`) matches no parameter",
-                rules[r].filter
-            )
-        })
-        .collect();
+    let warnings = resolver.unused("parameter");
     Ok(Assignment { by_path, warnings })
 }
 

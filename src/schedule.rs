@@ -135,6 +135,56 @@ impl From<Vec<f64>> for Factor {
     }
 }
 
+/// A schedule ready to apply: each path's factor, and which rules were used.
+pub(crate) struct Resolver<'a> {
+    rules: &'a [Rule],
+    globs: Vec<Glob>,
+    used: Vec<bool>,
+    default_t: f64,
+}
+
+impl<'a> Resolver<'a> {
+    /// Compiles `schedule` (none: `default_t` everywhere).
+    pub(crate) fn new(schedule: Option<&'a Schedule>, default_t: f64) -> Result<Self, MergeError> {
+        let (rules, globs) = match schedule {
+            Some(s) => (s.rules.as_slice(), s.compile()?),
+            None => (&[][..], Vec::new()),
+        };
+        Ok(Self {
+            rules,
+            used: vec![false; globs.len()],
+            globs,
+            default_t,
+        })
+    }
+
+    /// The factor of the tensor at `path` and layer `position`, and the rule that gave it.
+    pub(crate) fn resolve(&mut self, path: &str, position: f64) -> (f64, Option<usize>) {
+        match self.globs.iter().position(|g| g.matches(path)) {
+            Some(r) => {
+                self.used[r] = true;
+                (self.rules[r].t.at(position), Some(r))
+            }
+            None => (self.default_t, None),
+        }
+    }
+
+    /// One warning per rule that matched none of the `what`s resolved so far.
+    pub(crate) fn unused(&self, what: &str) -> Vec<String> {
+        self.used
+            .iter()
+            .enumerate()
+            .filter(|(_, used)| !**used)
+            .map(|(r, _)| {
+                format!(
+                    "schedule rule {r} (`{}`) matches no {what}",
+                    self.rules[r].filter
+                )
+            })
+            .collect()
+    }
+}
+
 /// A compiled filter: dotted segments, `**` for any run of segments, `*` within a segment.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Glob {
