@@ -1,5 +1,6 @@
-//! Merging checkpoint files tensor by tensor: two `.safetensors` files in, one out, with only
-//! the tensor being merged in memory (the inputs are memory-mapped).
+//! Merging checkpoint files tensor by tensor: two `.safetensors` checkpoints in (single files
+//! or Hugging Face sharded folders), one file out, with only the tensor being merged in memory
+//! (the inputs are memory-mapped).
 //!
 //! The files are read and written with the `safetensors` crate; nothing here parses the format
 //! by hand. Every check that can be made before computing (pairing, shapes, dtypes, the output
@@ -136,20 +137,14 @@ pub struct FileMerge {
 }
 
 /// One memory-mapped, validated safetensors file.
-pub struct Checkpoint {
-    path: PathBuf,
+struct Shard {
     map: Mmap,
     header: usize,
     metadata: Metadata,
 }
 
-impl Checkpoint {
-    /// Maps and validates `path`: header, dtypes, offsets within the file.
-    ///
-    /// # Errors
-    ///
-    /// [`CheckpointError::Io`] or [`CheckpointError::Format`], naming the file.
-    pub fn open(path: &Path) -> Result<Self, CheckpointError> {
+impl Shard {
+    fn open(path: &Path) -> Result<Self, CheckpointError> {
         let io = |source| CheckpointError::Io {
             path: path.to_path_buf(),
             source,
@@ -158,48 +153,158 @@ impl Checkpoint {
         // SAFETY: the map is read-only and lives as long as this value; a file truncated by
         // another process while mapped would fault, as for any reader of a mapped file.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-        let (header, metadata) =
-            SafeTensors::read_metadata(&map).map_err(|e| CheckpointError::Format {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })?;
-        // The whole file is checked once here (every offset inside the data section).
-        SafeTensors::deserialize(&map).map_err(|e| CheckpointError::Format {
+        let format = |e: safetensors::SafeTensorError| CheckpointError::Format {
             path: path.to_path_buf(),
             message: e.to_string(),
-        })?;
+        };
+        let (header, metadata) = SafeTensors::read_metadata(&map).map_err(format)?;
+        // The whole file is checked once here (every offset inside the data section).
+        SafeTensors::deserialize(&map).map_err(format)?;
         Ok(Self {
-            path: path.to_path_buf(),
             map,
             header,
             metadata,
         })
     }
 
-    /// Tensor names in file order.
+    fn bytes(&self, name: &str) -> &[u8] {
+        let info = self.metadata.info(name).expect("a validated name");
+        let start = 8 + self.header;
+        &self.map[start + info.data_offsets.0..start + info.data_offsets.1]
+    }
+}
+
+/// A checkpoint: one memory-mapped `.safetensors` file, or the shards of a Hugging Face
+/// sharded checkpoint (a folder with `model.safetensors.index.json`, or that index file).
+pub struct Checkpoint {
+    path: PathBuf,
+    shards: Vec<Shard>,
+    /// Tensor names in order (shard by shard, each by offset), with their shard.
+    names: Vec<(String, usize)>,
+    shard_of: HashMap<String, usize>,
+}
+
+/// The index file of a sharded checkpoint.
+const INDEX: &str = "model.safetensors.index.json";
+
+impl Checkpoint {
+    /// Maps and validates a checkpoint: every header, dtype and offset; for a sharded one,
+    /// also that each tensor the index names is in its shard.
+    ///
+    /// # Errors
+    ///
+    /// [`CheckpointError::Io`] or [`CheckpointError::Format`], naming the file.
+    pub fn open(path: &Path) -> Result<Self, CheckpointError> {
+        let index = if path.is_dir() {
+            Some(path.join(INDEX))
+        } else if path.to_string_lossy().ends_with(".index.json") {
+            Some(path.to_path_buf())
+        } else {
+            None
+        };
+        let Some(index) = index else {
+            let shard = Shard::open(path)?;
+            let names: Vec<(String, usize)> = shard
+                .metadata
+                .offset_keys()
+                .into_iter()
+                .map(|n| (n, 0))
+                .collect();
+            return Ok(Self::new(path, vec![shard], names));
+        };
+        let format = |message: String| CheckpointError::Format {
+            path: index.clone(),
+            message,
+        };
+        let text = std::fs::read_to_string(&index).map_err(|source| CheckpointError::Io {
+            path: index.clone(),
+            source,
+        })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format(e.to_string()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| format("no `weight_map` object".into()))?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut files: Vec<String> = Vec::new();
+        let mut wanted: HashMap<String, String> = HashMap::new();
+        for (name, file) in map {
+            let file = file
+                .as_str()
+                .ok_or_else(|| format(format!("`{name}` maps to a non-string")))?;
+            if !files.iter().any(|f| f == file) {
+                files.push(file.to_string());
+            }
+            wanted.insert(name.clone(), file.to_string());
+        }
+        let mut shards = Vec::with_capacity(files.len());
+        let mut names = Vec::new();
+        for (i, file) in files.iter().enumerate() {
+            let shard_path = dir.join(file);
+            let shard = Shard::open(&shard_path)?;
+            for name in shard.metadata.offset_keys() {
+                if wanted.get(&name).is_some_and(|f| f == file) {
+                    names.push((name, i));
+                }
+            }
+            shards.push(shard);
+        }
+        if names.len() != wanted.len() {
+            let found: std::collections::HashSet<&str> =
+                names.iter().map(|(n, _)| n.as_str()).collect();
+            let mut lost: Vec<String> = wanted
+                .iter()
+                .filter(|(n, _)| !found.contains(n.as_str()))
+                .map(|(n, f)| format!("{n} (in {f})"))
+                .collect();
+            lost.sort();
+            return Err(format(format!(
+                "tensors named by the index are missing from their shard: {}",
+                lost.join(", ")
+            )));
+        }
+        Ok(Self::new(path, shards, names))
+    }
+
+    fn new(path: &Path, shards: Vec<Shard>, names: Vec<(String, usize)>) -> Self {
+        let shard_of = names.iter().cloned().collect();
+        Self {
+            path: path.to_path_buf(),
+            shards,
+            names,
+            shard_of,
+        }
+    }
+
+    /// Tensor names in file order (shard by shard).
     pub fn names(&self) -> Vec<String> {
-        self.metadata.offset_keys()
+        self.names.iter().map(|(n, _)| n.clone()).collect()
     }
 
     /// `(dtype, shape)` of a tensor.
     pub fn info(&self, name: &str) -> Option<(Dtype, Vec<usize>)> {
-        self.metadata.info(name).map(|i| (i.dtype, i.shape.clone()))
+        let shard = &self.shards[*self.shard_of.get(name)?];
+        shard
+            .metadata
+            .info(name)
+            .map(|i| (i.dtype, i.shape.clone()))
     }
 
-    /// The file's `__metadata__`.
+    /// The `__metadata__` of the (first) file.
     pub fn metadata(&self) -> Option<HashMap<String, String>> {
-        self.metadata.metadata().clone()
+        self.shards
+            .first()
+            .and_then(|s| s.metadata.metadata().clone())
     }
 
-    /// The file path.
+    /// The path it was opened from.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
     fn bytes(&self, name: &str) -> &[u8] {
-        let info = self.metadata.info(name).expect("a validated name");
-        let start = 8 + self.header;
-        &self.map[start + info.data_offsets.0..start + info.data_offsets.1]
+        self.shards[self.shard_of[name]].bytes(name)
     }
 }
 

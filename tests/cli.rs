@@ -434,6 +434,103 @@ fn every_error_is_named_and_leaves_nothing() {
 }
 
 #[test]
+fn sharded_folders_merge_like_single_files() {
+    let dir = scratch("sharded");
+    let (a, b) = pair(&dir);
+    // A split in two shards with its index, as Hugging Face writes them.
+    let folder = dir.join("a-sharded");
+    std::fs::create_dir_all(&folder).unwrap();
+    let specs = model(1);
+    write(
+        &folder.join("model-00001-of-00002.safetensors"),
+        &specs[..2],
+        None,
+    );
+    write(
+        &folder.join("model-00002-of-00002.safetensors"),
+        &specs[2..],
+        None,
+    );
+    let map: serde_json::Map<String, serde_json::Value> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, (name, ..))| {
+            let file = if i < 2 {
+                "model-00001-of-00002"
+            } else {
+                "model-00002-of-00002"
+            };
+            (name.to_string(), format!("{file}.safetensors").into())
+        })
+        .collect();
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(
+        folder.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+
+    let (single, sharded) = (
+        dir.join("single.safetensors"),
+        dir.join("sharded.safetensors"),
+    );
+    for (input, out) in [(&a, &single), (&folder, &sharded)] {
+        let o = burn_slerp(&["merge", s(input), s(&b), "-o", s(out), "-t", "0.4", "-q"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let (fs, fh) = (
+        std::fs::read(&single).unwrap(),
+        std::fs::read(&sharded).unwrap(),
+    );
+    let (ts, th) = (
+        SafeTensors::deserialize(&fs).unwrap(),
+        SafeTensors::deserialize(&fh).unwrap(),
+    );
+    for (name, ..) in &specs {
+        assert_eq!(
+            th.tensor(name).unwrap().data(),
+            ts.tensor(name).unwrap().data(),
+            "{name}"
+        );
+    }
+
+    // A missing shard, and an index that promises a tensor its shard lacks, name the file.
+    let out = dir.join("out.safetensors");
+    std::fs::rename(
+        folder.join("model-00002-of-00002.safetensors"),
+        dir.join("moved.safetensors"),
+    )
+    .unwrap();
+    let o = burn_slerp(&["merge", s(&folder), s(&b), "-o", s(&out), "-t", "0.4"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("model-00002-of-00002.safetensors"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::rename(
+        dir.join("moved.safetensors"),
+        folder.join("model-00002-of-00002.safetensors"),
+    )
+    .unwrap();
+    let mut wrong = index.clone();
+    wrong["weight_map"]["step"] = "model-00001-of-00002.safetensors".into();
+    std::fs::write(
+        folder.join("model.safetensors.index.json"),
+        wrong.to_string(),
+    )
+    .unwrap();
+    let o = burn_slerp(&["merge", s(&folder), s(&b), "-o", s(&out), "-t", "0.4"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("missing from their shard: step (in model-00001-of-00002.safetensors)"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
+}
+
+#[test]
 fn inspect_lists_and_pairs() {
     let dir = scratch("inspect");
     let (a, b) = pair(&dir);
