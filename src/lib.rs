@@ -64,6 +64,9 @@
 //! | `flex` (default) | burn-flex, CPU | `Device::flex()` |
 //! | `ndarray` | burn-ndarray, CPU (deprecated upstream) | `Device::ndarray()` |
 //! | `wgpu` | burn-wgpu: Vulkan, Metal, DX12, GL | `Device::wgpu(Default::default())` |
+//!
+//! `cli` adds the `burn-slerp` binary and the `checkpoint` module: file-to-file merges of
+//! `.safetensors`, Hugging Face sharded and `.bpk` burnpack checkpoints, one tensor at a time.
 
 #[cfg(feature = "cli")]
 pub mod checkpoint;

@@ -7,7 +7,10 @@
 //! burn-slerp inspect A [B]
 //! ```
 //!
-//! Exit codes: 0 success, 1 merge, input or I/O error, 2 usage error.
+//! A and B are `.safetensors` files, Hugging Face sharded folders or `.bpk` burnpack files; OUT
+//! is a `.safetensors` or `.bpk` file, or a folder for a sharded checkpoint.
+//!
+//! Exit codes: 0 success, 1 merge, input or I/O error, 2 usage error, 130 interrupted.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -16,7 +19,8 @@ use std::process::ExitCode;
 use burn::config::Config;
 use burn::tensor::Device;
 use burn_slerp::checkpoint::{
-    CheckpointError, FileMerge, OutDType, Pairing, inspect, merge_files, plan_files, shapes,
+    CheckpointError, FileMerge, OutDType, Pairing, compare_files, inspect, merge_files, plan_files,
+    shapes,
 };
 use burn_slerp::{Granularity, SlerpConfig};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -34,13 +38,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Merge A and B (`.safetensors`) into OUT, one tensor at a time.
+    /// Merge A and B (`.safetensors`, sharded folders, `.bpk`) into OUT, one tensor at a time.
     Merge {
         /// The checkpoint at t = 0.
         a: PathBuf,
         /// The checkpoint at t = 1.
         b: PathBuf,
-        /// The merged checkpoint (`.safetensors`).
+        /// The merged checkpoint: `.safetensors`, `.bpk`, or a folder for a sharded checkpoint.
         #[arg(short, long)]
         output: PathBuf,
         /// Interpolation factor in [0, 1].
@@ -77,7 +81,7 @@ enum Command {
         #[arg(short, long)]
         quiet: bool,
     },
-    /// List a checkpoint's tensors; with B, how the two pair up.
+    /// List a checkpoint's tensors; with B, how the two pair up and the angles between them.
     Inspect {
         /// A checkpoint.
         a: PathBuf,
@@ -111,7 +115,54 @@ struct Failure(String, u8);
 
 impl From<CheckpointError> for Failure {
     fn from(e: CheckpointError) -> Self {
-        Failure(e.to_string(), 1)
+        // 128 + SIGINT, as a shell reports a command stopped by Ctrl-C.
+        let code = if matches!(e, CheckpointError::Interrupted) {
+            130
+        } else {
+            1
+        };
+        Failure(e.to_string(), code)
+    }
+}
+
+/// Ctrl-C (SIGINT) and SIGTERM stop the merge at the next tensor, which removes the partial
+/// output; a second signal ends the process at once.
+mod interrupt {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    #[cfg(target_os = "linux")]
+    static FLAG: std::sync::atomic::AtomicPtr<AtomicBool> =
+        std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+
+    #[cfg(target_os = "linux")]
+    extern "C" fn on_signal(signal: libc::c_int) {
+        use std::sync::atomic::Ordering;
+        let flag = FLAG.load(Ordering::SeqCst);
+        if !flag.is_null() {
+            // SAFETY: the pointer comes from a leaked `Arc` and is never freed.
+            unsafe { (*flag).store(true, Ordering::SeqCst) };
+        }
+        // SAFETY: `signal` is async-signal-safe; back to the default action for the next one.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
+    }
+
+    /// The flag the signals set, with the handlers installed.
+    pub(crate) fn flag() -> Arc<AtomicBool> {
+        let flag = Arc::new(AtomicBool::new(false));
+        #[cfg(target_os = "linux")]
+        {
+            use std::sync::atomic::Ordering;
+            let leaked = Arc::into_raw(Arc::clone(&flag)).cast_mut();
+            FLAG.store(leaked, Ordering::SeqCst);
+            let handler = on_signal as extern "C" fn(libc::c_int);
+            // SAFETY: the handler only stores to atomics and calls `signal`.
+            unsafe {
+                libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+                libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+            }
+        }
+        flag
     }
 }
 
@@ -165,6 +216,20 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     differ.len(),
                     differ
                 );
+                let report = compare_files(&a, &b, &Device::flex())?;
+                let summary = &report.summary;
+                let fixed = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.4}"));
+                println!(
+                    "angles over {} float tensors: theta min/median/max {}/{}/{} rad; mean cos {}",
+                    summary.tensors,
+                    fixed(summary.theta_min),
+                    fixed(summary.theta_median),
+                    fixed(summary.theta_max),
+                    summary.mean_cos.map_or("-".into(), |c| format!("{c:.6}"))
+                );
+                for w in &report.warnings {
+                    println!("warning: {w}");
+                }
             }
             Ok(())
         }
@@ -201,23 +266,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if mergekit {
                 config.dot_threshold = Some(0.9995);
             }
-            let options = FileMerge {
-                config,
-                device: device(device_arg)?,
-                pairing: if union {
-                    Pairing::Union
-                } else if intersection {
-                    Pairing::Intersection
-                } else {
-                    Pairing::Strict
-                },
-                out_dtype: out_dtype.map(|d| match d {
-                    OutDTypeArg::F32 => OutDType::F32,
-                    OutDTypeArg::F16 => OutDType::F16,
-                    OutDTypeArg::Bf16 => OutDType::BF16,
-                }),
+            let mut options = FileMerge::new(config, device(device_arg)?);
+            options.pairing = if union {
+                Pairing::Union
+            } else if intersection {
+                Pairing::Intersection
+            } else {
+                Pairing::Strict
             };
-            let plan = plan_files(&a, &b, &options)?;
+            options.out_dtype = out_dtype.map(|d| match d {
+                OutDTypeArg::F32 => OutDType::F32,
+                OutDTypeArg::F16 => OutDType::F16,
+                OutDTypeArg::Bf16 => OutDType::BF16,
+            });
+            options.cancel = Some(interrupt::flag());
+            let plan = plan_files(&a, &b, &output, &options)?;
             if dry_run {
                 print!("{plan}");
                 return Ok(());
@@ -239,21 +302,23 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 bar
             });
             let (mut done, mut bytes) = (0usize, 0usize);
-            let mut progress = |name: &str, written: usize| {
+            let shown = bar.clone();
+            let progress = move |name: &str, written: usize| {
                 done += 1;
                 bytes += written;
-                if let Some(bar) = &bar {
+                if let Some(bar) = &shown {
                     bar.set_position(done as u64);
                     let rate = bytes as f64 / started.elapsed().as_secs_f64().max(1e-9) / 1e6;
                     bar.set_message(format!("{:.1} MB, {rate:.0} MB/s", bytes as f64 / 1e6));
                 } else if !quiet {
-                    eprintln!("[{done}] {name} ({written} bytes)");
+                    eprintln!("[{done}/{total}] {name} ({written} bytes)");
                 }
             };
-            let result = merge_files(&a, &b, &output, &options, &mut progress)?;
-            if let Some(bar) = bar {
+            let result = merge_files(&a, &b, &output, &options, progress);
+            if let Some(bar) = &bar {
                 bar.finish_and_clear();
             }
+            let result = result?;
             if let Some(path) = report {
                 std::fs::write(&path, result.to_json())
                     .map_err(|e| Failure(format!("{}: {e}", path.display()), 1))?;
