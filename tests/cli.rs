@@ -210,6 +210,14 @@ fn merged_file_equals_the_in_memory_merge() {
     // No temporary file is left beside the output.
     let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
     assert_eq!(left.len(), 4, "{left:?}");
+    // The output has the permissions of any new file (the safetensors writer's own temporary
+    // file is private).
+    let fresh = dir.join("fresh");
+    std::fs::write(&fresh, b"").unwrap();
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().permissions(),
+        std::fs::metadata(&fresh).unwrap().permissions()
+    );
 }
 
 #[test]
@@ -439,42 +447,39 @@ fn every_error_is_named_and_leaves_nothing() {
     );
 }
 
-#[test]
-fn sharded_folders_merge_like_single_files() {
-    let dir = scratch("sharded");
-    let (a, b) = pair(&dir);
-    // A split in two shards with its index, as Hugging Face writes them.
+const SHARDS: [&str; 2] = [
+    "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors",
+];
+
+/// A (`model(1)`) split in two shards with its index, as Hugging Face writes them: the folder
+/// and the index.
+fn sharded_a(dir: &Path) -> (PathBuf, serde_json::Value) {
     let folder = dir.join("a-sharded");
     std::fs::create_dir_all(&folder).unwrap();
     let specs = model(1);
-    write(
-        &folder.join("model-00001-of-00002.safetensors"),
-        &specs[..2],
-        None,
-    );
-    write(
-        &folder.join("model-00002-of-00002.safetensors"),
-        &specs[2..],
-        None,
-    );
+    write(&folder.join(SHARDS[0]), &specs[..2], None);
+    write(&folder.join(SHARDS[1]), &specs[2..], None);
     let map: serde_json::Map<String, serde_json::Value> = specs
         .iter()
         .enumerate()
-        .map(|(i, (name, ..))| {
-            let file = if i < 2 {
-                "model-00001-of-00002"
-            } else {
-                "model-00002-of-00002"
-            };
-            (name.to_string(), format!("{file}.safetensors").into())
-        })
+        .map(|(i, (name, ..))| (name.to_string(), SHARDS[usize::from(i >= 2)].into()))
         .collect();
-    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    let index = serde_json::json!({ "metadata": {"source": "test"}, "weight_map": map });
     std::fs::write(
         folder.join("model.safetensors.index.json"),
         index.to_string(),
     )
     .unwrap();
+    (folder, index)
+}
+
+#[test]
+fn sharded_folders_merge_like_single_files() {
+    let dir = scratch("sharded");
+    let (a, b) = pair(&dir);
+    let (folder, index) = sharded_a(&dir);
+    let specs = model(1);
 
     let (single, sharded) = (
         dir.join("single.safetensors"),
@@ -888,26 +893,8 @@ fn output_formats_and_their_errors() {
 fn sharded_output_follows_the_input_shards() {
     let dir = scratch("sharded-out");
     let (_, b) = pair(&dir);
-    let folder = dir.join("a-sharded");
-    std::fs::create_dir_all(&folder).unwrap();
-    let specs = model(1);
-    let files = [
-        "model-00001-of-00002.safetensors",
-        "model-00002-of-00002.safetensors",
-    ];
-    write(&folder.join(files[0]), &specs[..2], None);
-    write(&folder.join(files[1]), &specs[2..], None);
-    let map: serde_json::Map<String, serde_json::Value> = specs
-        .iter()
-        .enumerate()
-        .map(|(i, (name, ..))| (name.to_string(), files[usize::from(i >= 2)].into()))
-        .collect();
-    let index = serde_json::json!({ "metadata": {"source": "test"}, "weight_map": map });
-    std::fs::write(
-        folder.join("model.safetensors.index.json"),
-        index.to_string(),
-    )
-    .unwrap();
+    let (folder, index) = sharded_a(&dir);
+    let files = SHARDS;
 
     let (out, single) = (dir.join("merged"), dir.join("single.safetensors"));
     for target in [&out, &single] {

@@ -307,9 +307,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 done += 1;
                 bytes += written;
                 if let Some(bar) = &shown {
-                    bar.set_position(done as u64);
                     let rate = bytes as f64 / started.elapsed().as_secs_f64().max(1e-9) / 1e6;
                     bar.set_message(format!("{:.1} MB, {rate:.0} MB/s", bytes as f64 / 1e6));
+                    bar.set_position(done as u64);
                 } else if !quiet {
                     eprintln!("[{done}/{total}] {name} ({written} bytes)");
                 }

@@ -277,17 +277,27 @@ fn write_safetensors(
             shared,
         })
         .collect();
+    // The writer renames a private temporary file to `path`: the permissions a file created
+    // here gets (the umask's) are put back on afterwards.
+    let permissions = std::fs::File::create(path)
+        .and_then(|f| f.metadata())
+        .map(|m| m.permissions());
     let written = safetensors::serialize_to_file(
         lazies.iter().map(|l| (l.item.name.clone(), l)),
         metadata,
         path,
-    );
+    )
+    .map_err(|e| e.to_string())
+    .and_then(|()| {
+        let permissions = permissions.map_err(|e| e.to_string())?;
+        std::fs::set_permissions(path, permissions).map_err(|e| e.to_string())
+    });
     if let Some(e) = lock(&shared.error).take() {
         return Err(e);
     }
     written.map_err(|e| CheckpointError::Io {
         path: out.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
+        source: std::io::Error::other(e),
     })
 }
 
