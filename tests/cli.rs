@@ -18,12 +18,37 @@ use half::{bf16, f16};
 use proptest::prelude::*;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-/// A scratch directory of its own per test.
-fn scratch(name: &str) -> PathBuf {
+/// A scratch directory of its own per test, removed when the test passes (kept for a look
+/// when it fails).
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn scratch(name: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("burn-slerp-cli-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    Scratch(dir)
 }
 
 /// One tensor to write: name, dtype, shape, f64 values (converted to the dtype).
@@ -562,14 +587,13 @@ fn inspect_lists_and_pairs() {
     );
 }
 
-/// The fuzz cases' directory, a valid B and the bytes of a valid A, made once.
-fn fuzz_inputs() -> &'static (PathBuf, PathBuf, Vec<u8>) {
-    static INPUTS: std::sync::OnceLock<(PathBuf, PathBuf, Vec<u8>)> = std::sync::OnceLock::new();
+/// The bytes of a valid A and a valid B, made once.
+fn fuzz_inputs() -> &'static (Vec<u8>, Vec<u8>) {
+    static INPUTS: std::sync::OnceLock<(Vec<u8>, Vec<u8>)> = std::sync::OnceLock::new();
     INPUTS.get_or_init(|| {
-        let dir = scratch("fuzz");
+        let dir = scratch("fuzz-inputs");
         let (a, b) = pair(&dir);
-        let valid = std::fs::read(&a).unwrap();
-        (dir, b, valid)
+        (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap())
     })
 }
 
@@ -602,18 +626,18 @@ proptest! {
     /// Damaged files give errors (or, when the damage is harmless, a merge), never a panic.
     #[test]
     fn damaged_files_never_panic(kind in 0u8..4, at in 0usize..10_000, value in any::<u8>()) {
-        let (dir, b, valid) = fuzz_inputs();
-        let damaged = dir.join("damaged.safetensors");
+        let (valid, valid_b) = fuzz_inputs();
+        let dir = scratch("fuzz-safetensors");
+        let (damaged, b) = (dir.join("damaged.safetensors"), dir.join("b.safetensors"));
         std::fs::write(&damaged, mutated(valid, kind, at, value)).unwrap();
+        std::fs::write(&b, valid_b).unwrap();
         let out = dir.join("out.safetensors");
         let options = FileMerge::new(SlerpConfig::new(0.5), Device::flex());
         let _ = Checkpoint::open(&damaged);
-        let result = merge_files(&damaged, b, &out, &options, |_, _| {});
+        let result = merge_files(&damaged, &b, &out, &options, |_, _| {});
         if result.is_err() {
             prop_assert!(!out.exists());
         }
-        let _ = std::fs::remove_file(&damaged);
-        let _ = std::fs::remove_file(&out);
     }
 }
 
@@ -999,7 +1023,7 @@ fn an_interrupted_merge_leaves_nothing() {
 fn fuzz_burnpack() -> &'static Vec<u8> {
     static BYTES: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     BYTES.get_or_init(|| {
-        let (dir, _, _) = fuzz_inputs();
+        let dir = scratch("fuzz-burnpack-input");
         let model = common::net(&Device::flex(), 3);
         let path = dir.join("valid.bpk");
         model
@@ -1016,7 +1040,6 @@ proptest! {
     /// flipped anywhere, the metadata length rewritten, a byte of the metadata rewritten.
     #[test]
     fn damaged_burnpack_files_never_panic(kind in 0u8..4, at in 0usize..100_000, value in any::<u8>()) {
-        let (dir, _, _) = fuzz_inputs();
         let valid = fuzz_burnpack();
         let mut v = valid.clone();
         match kind {
@@ -1029,16 +1052,15 @@ proptest! {
                 v[i] = value;
             }
         }
-        let damaged = dir.join("damaged.bpk");
+        let dir = scratch("fuzz-burnpack");
+        let (damaged, valid_path) = (dir.join("damaged.bpk"), dir.join("valid.bpk"));
         std::fs::write(&damaged, &v).unwrap();
-        let valid_path = dir.join("valid.bpk");
-        let out = dir.join("out-bpk.bpk");
+        std::fs::write(&valid_path, valid).unwrap();
+        let out = dir.join("out.bpk");
         let options = FileMerge::new(SlerpConfig::new(0.5), Device::flex());
         let result = merge_files(&damaged, &valid_path, &out, &options, |_, _| {});
         if result.is_err() {
             prop_assert!(!out.exists());
         }
-        let _ = std::fs::remove_file(&damaged);
-        let _ = std::fs::remove_file(&out);
     }
 }
