@@ -448,6 +448,21 @@ fn open_pair(
     Ok((ca, cb))
 }
 
+/// Every check before the first byte: the output's format and path, both inputs, and the
+/// pairing; what [`plan_files`] prints and [`merge_files`] writes.
+fn checked(
+    a: &Path,
+    b: &Path,
+    out: &Path,
+    options: &FileMerge,
+) -> Result<(Checkpoint, Checkpoint, Format, Prepared), CheckpointError> {
+    let output = output_format(out)?;
+    let (ca, cb) = open_pair(a, b, Some(out))?;
+    write::check_output(out, output)?;
+    let prepared = prepare(&ca, &cb, options, output)?;
+    Ok((ca, cb, output, prepared))
+}
+
 /// The dry run of [`merge_files`]: every check, and what each tensor would get.
 ///
 /// # Errors
@@ -459,10 +474,7 @@ pub fn plan_files(
     out: &Path,
     options: &FileMerge,
 ) -> Result<MergePlan, CheckpointError> {
-    let output = output_format(out)?;
-    let (ca, cb) = open_pair(a, b, Some(out))?;
-    write::check_output(out, output)?;
-    let prepared = prepare(&ca, &cb, options, output)?;
+    let (_, _, _, prepared) = checked(a, b, out, options)?;
     let entries = prepared
         .items
         .into_iter()
@@ -502,10 +514,7 @@ pub fn merge_files(
     options: &FileMerge,
     progress: impl FnMut(&str, usize) + Send + 'static,
 ) -> Result<MergeReport, CheckpointError> {
-    let output = output_format(out)?;
-    let (ca, cb) = open_pair(a, b, Some(out))?;
-    write::check_output(out, output)?;
-    let prepared = prepare(&ca, &cb, options, output)?;
+    let (ca, cb, output, prepared) = checked(a, b, out, options)?;
     write::write(
         ca,
         cb,
