@@ -107,6 +107,15 @@ fn model(seed: u64) -> Vec<Spec> {
     ]
 }
 
+/// `model(seed)` changed by `edit`, written to `DIR/NAME.safetensors`.
+fn variant(dir: &Path, name: &str, seed: u64, edit: impl FnOnce(&mut Vec<Spec>)) -> PathBuf {
+    let path = dir.join(format!("{name}.safetensors"));
+    let mut specs = model(seed);
+    edit(&mut specs);
+    write(&path, &specs, None);
+    path
+}
+
 fn pair(dir: &Path) -> (PathBuf, PathBuf) {
     let (a, b) = (dir.join("a.safetensors"), dir.join("b.safetensors"));
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
@@ -352,10 +361,9 @@ fn every_error_is_named_and_leaves_nothing() {
         "refusing to write over input",
     );
 
-    let extra = dir.join("extra.safetensors");
-    let mut specs = model(20);
-    specs.push(("head.w", Dtype::F32, vec![2, 2], values(3, 4)));
-    write(&extra, &specs, None);
+    let extra = variant(&dir, "extra", 20, |specs| {
+        specs.push(("head.w", Dtype::F32, vec![2, 2], values(3, 4)));
+    });
     fails(
         &["merge", s(&a), s(&extra), "-o", s(&out), "-t", "0.5"],
         1,
@@ -382,39 +390,35 @@ fn every_error_is_named_and_leaves_nothing() {
     );
     std::fs::remove_file(&out).unwrap();
 
-    let wide = dir.join("wide.safetensors");
-    let mut specs = model(21);
-    specs[0] = ("embed.weight", Dtype::F16, vec![7, 3], values(4, 21));
-    write(&wide, &specs, None);
+    let wide = variant(&dir, "wide", 21, |specs| {
+        specs[0] = ("embed.weight", Dtype::F16, vec![7, 3], values(4, 21));
+    });
     fails(
         &["merge", s(&a), s(&wide), "-o", s(&out), "-t", "0.5"],
         1,
         "tensor `embed.weight`: A has shape [5, 3], B has shape [7, 3]: the vocabularies differ",
     );
-    let ints = dir.join("ints.safetensors");
-    let mut specs = model(22);
-    specs[1] = ("layers.0.w", Dtype::I64, vec![4, 6], values(5, 24));
-    write(&ints, &specs, None);
+    let ints = variant(&dir, "ints", 22, |specs| {
+        specs[1] = ("layers.0.w", Dtype::I64, vec![4, 6], values(5, 24));
+    });
     fails(
         &["merge", s(&a), s(&ints), "-o", s(&out), "-t", "0.5"],
         1,
         "tensor `layers.0.w`: cannot merge dtype F32 (A) with I64 (B)",
     );
 
-    let nan = dir.join("nan.safetensors");
-    let mut specs = model(23);
-    specs[2].3[5] = f64::NAN;
-    write(&nan, &specs, None);
+    let nan = variant(&dir, "nan", 23, |specs| {
+        specs[2].3[5] = f64::NAN;
+    });
     fails(
         &["merge", s(&a), s(&nan), "-o", s(&out), "-t", "0.5"],
         1,
         "tensor `layers.1.w`: an input holds a NaN",
     );
     // f16 output overflows: caught after the cast.
-    let big = dir.join("big.safetensors");
-    let mut specs = model(24);
-    specs[1].3[0] = 1e6;
-    write(&big, &specs, None);
+    let big = variant(&dir, "big", 24, |specs| {
+        specs[1].3[0] = 1e6;
+    });
     fails(
         &[
             "merge",
