@@ -3,7 +3,8 @@
 use burn::config::Config;
 use serde::{Deserialize, Serialize};
 
-use crate::{MergeError, Schedule};
+use crate::error::MergeError;
+use crate::schedule::Schedule;
 
 /// How a tensor is split into the vectors that are interpolated.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]

@@ -98,6 +98,16 @@ pub enum MergeError {
         path: String,
     },
 
+    /// One model reports two parameters at the same path (a hand-written `Module` that enters
+    /// the same name twice): they could not be paired.
+    #[error("{} appears twice in model {model}", show(path))]
+    DuplicateParam {
+        /// Parameter path.
+        path: String,
+        /// Which model: `a`, `b`, `base`, or the index of a model in a mean.
+        model: String,
+    },
+
     /// The two tensors at one path live on different devices.
     #[error("device mismatch in {}: a is on {a:?}, b is on {b:?}", show(path))]
     DeviceMismatch {

@@ -71,28 +71,29 @@
 #[cfg(feature = "cli")]
 pub mod checkpoint;
 mod config;
-mod cube;
 mod error;
+mod interpolate;
 mod kernels;
-mod mean;
-mod merger;
+mod module;
+mod numerics;
+mod reduce;
 mod report;
 mod schedule;
-mod slerp;
 mod stats;
 
 pub use config::{Granularity, Method, SlerpConfig};
 pub use error::MergeError;
-pub use mean::{MeanStats, SphericalMean};
-pub use merger::SlerpMerger;
+pub use interpolate::slerp;
+#[doc(hidden)]
+pub use interpolate::slerp_generic;
+pub use module::SlerpMerger;
+pub use module::mean::{MeanStats, SphericalMean};
+pub use numerics::{Branch, LerpReason};
 pub use report::{
     MergePlan, MergeReport, PlanEntry, RELATIVES_COSINE, ReportSummary, Sweep, SweepPoint,
 };
 pub use schedule::{Factor, Rule, Schedule};
-pub use slerp::slerp;
-#[doc(hidden)]
-pub use slerp::slerp_generic;
-pub use stats::{Branch, LerpReason, RowStats, TensorStats};
+pub use stats::{RowStats, TensorStats};
 
 #[cfg(all(doctest, feature = "flex"))]
 #[doc = include_str!("../README.md")]

@@ -5,8 +5,9 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::stats::{Branch, LerpReason, TensorStats};
-use crate::{Granularity, Method};
+use crate::config::{Granularity, Method};
+use crate::numerics::{Branch, LerpReason};
+use crate::stats::TensorStats;
 
 /// Below this numel-weighted mean cosine the report warns that the inputs do not look like
 /// relatives: fine-tunes of one base sit near 1, independently initialised networks near 0.

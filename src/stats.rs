@@ -2,30 +2,7 @@
 
 use serde::Serialize;
 
-use crate::slerp::{Coefficients, PairStats};
-
-/// Why a pair of vectors was linearly interpolated instead of spherically.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub enum LerpReason {
-    /// `‖a‖ ≤ eps` or `‖b‖ ≤ eps`: a zero tensor has no direction.
-    ZeroNorm,
-    /// `cos θ < −(1 − 5e-4)`: the geodesic is undefined at π.
-    Antiparallel,
-    /// mergekit-compatible mode and `|cos θ| > dot_threshold`.
-    DotThreshold,
-    /// [`Method::Lerp`](crate::Method::Lerp) was asked for, or the rows have one element.
-    Method,
-}
-
-/// Which row of the numerics table a pair of vectors fell in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum Branch {
-    /// Spherical interpolation (which tends to lerp as θ → 0, with no threshold).
-    Slerp,
-    /// Linear interpolation, and why.
-    Lerp(LerpReason),
-}
+use crate::numerics::{Branch, Coefficients, LerpReason, PairStats, angle};
 
 /// The statistics of one merged float tensor, taken from the reductions the merge computes
 /// anyway (no extra pass over the weights).
@@ -76,23 +53,6 @@ pub struct RowStats {
     pub lerp_dot_threshold: usize,
 }
 
-/// `(cos, θ)` of one pair, `None` when a norm is 0.
-pub(crate) fn angle(stats: PairStats) -> Option<(f64, f64)> {
-    let (na, nb) = (stats.aa.sqrt(), stats.bb.sqrt());
-    if na == 0.0 || nb == 0.0 {
-        return None;
-    }
-    let cos = (stats.ab / (na * nb)).clamp(-1.0, 1.0);
-    // θ = 2·atan2(‖â − b̂‖, ‖â + b̂‖), with ‖â ∓ b̂‖² = 2 ∓ 2·cos: accurate for small angles,
-    // where acos(cos) is not.
-    let theta = 2.0
-        * (2.0 - 2.0 * cos)
-            .max(0.0)
-            .sqrt()
-            .atan2((2.0 + 2.0 * cos).max(0.0).sqrt());
-    Some((cos, theta))
-}
-
 impl TensorStats {
     /// Summarises the statistics and coefficients of one tensor's rows (one row for
     /// whole-tensor granularity).
@@ -111,7 +71,7 @@ impl TensorStats {
             let mut thetas: Vec<f64> = stats
                 .iter()
                 .filter_map(|s| angle(*s))
-                .map(|a| a.1)
+                .map(|a| a.theta)
                 .collect();
             thetas.sort_by(f64::total_cmp);
             let count_of = |b: Branch| coefficients.iter().filter(|c| c.branch == b).count();
@@ -132,8 +92,8 @@ impl TensorStats {
             numel,
             norm_a: total.aa.sqrt(),
             norm_b: total.bb.sqrt(),
-            cos: whole.map(|w| w.0),
-            theta: whole.map(|w| w.1),
+            cos: whole.map(|w| w.cos),
+            theta: whole.map(|w| w.theta),
             branch: if per_row {
                 Branch::Slerp
             } else {

@@ -35,6 +35,7 @@ macro_rules! device_suite {
                 non_finite_is_error,
                 device_mismatch_is_error,
                 error_messages_name_the_parameter,
+                duplicate_paths_are_errors,
                 inputs_are_unchanged,
                 discrete_params_and_flags_come_from_a,
                 autodiff_params_are_fresh_leaves,

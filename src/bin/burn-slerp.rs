@@ -12,15 +12,15 @@
 //!
 //! Exit codes: 0 success, 1 merge, input or I/O error, 2 usage error, 130 interrupted.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use burn::config::Config;
 use burn::tensor::Device;
 use burn_slerp::checkpoint::{
-    CheckpointError, FileMerge, OutDType, Pairing, compare_files, inspect, merge_files, plan_files,
-    shapes,
+    CheckpointError, FileMerge, OutDType, Pairing, Progress, compare_files, inspect, merge_files,
+    plan_files, shapes,
 };
 use burn_slerp::{Granularity, SlerpConfig};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -48,7 +48,7 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
         /// Interpolation factor in [0, 1].
-        #[arg(short, long, conflicts_with = "recipe")]
+        #[arg(short, long, conflicts_with = "recipe", value_parser = factor, allow_negative_numbers = true)]
         t: Option<f64>,
         /// A JSON recipe (a `SlerpConfig`, schedule included).
         #[arg(long)]
@@ -110,8 +110,50 @@ enum OutDTypeArg {
     Bf16,
 }
 
+/// `-t`: a number in [0, 1]; anything else is a usage error (exit code 2).
+fn factor(text: &str) -> Result<f64, String> {
+    let t: f64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number"))?;
+    if t.is_finite() && (0.0..=1.0).contains(&t) {
+        Ok(t)
+    } else {
+        Err(format!("{t} is not in [0, 1]"))
+    }
+}
+
 /// A failure: the message and the exit code.
 struct Failure(String, u8);
+
+impl Failure {
+    /// Standard output was closed (`burn-slerp inspect … | head`): stop quietly.
+    fn closed_pipe() -> Self {
+        Failure(String::new(), 0)
+    }
+}
+
+/// Writes to standard output; a closed pipe ends the command quietly instead of panicking.
+fn print(text: std::fmt::Arguments<'_>) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(text) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(Failure::closed_pipe()),
+        Err(e) => Err(Failure(format!("standard output: {e}"), 1)),
+        Ok(()) => Ok(()),
+    }
+}
+
+/// Writes a line to standard error, best effort: a closed standard error stops nothing.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+macro_rules! out {
+    ($($arg:tt)*) => {
+        print(format_args!("{}\n", format_args!($($arg)*)))?
+    };
+}
 
 impl From<CheckpointError> for Failure {
     fn from(e: CheckpointError) -> Self {
@@ -125,8 +167,10 @@ impl From<CheckpointError> for Failure {
     }
 }
 
-/// Ctrl-C (SIGINT) and SIGTERM stop the merge at the next tensor, which removes the partial
-/// output; a second signal ends the process at once.
+/// Ctrl-C (SIGINT) and SIGTERM. Before the output is first written (while inputs are opened
+/// and checked and the merge is planned) they end the process at once with exit code 130:
+/// nothing exists to clean up. Once writing has begun they stop the merge at the next tensor,
+/// which removes the partial output; a second signal then ends the process at once.
 mod interrupt {
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
@@ -135,9 +179,17 @@ mod interrupt {
     static FLAG: std::sync::atomic::AtomicPtr<AtomicBool> =
         std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
 
+    /// Whether the output may have been written to.
+    #[cfg(target_os = "linux")]
+    static WRITING: AtomicBool = AtomicBool::new(false);
+
     #[cfg(target_os = "linux")]
     extern "C" fn on_signal(signal: libc::c_int) {
         use std::sync::atomic::Ordering;
+        if !WRITING.load(Ordering::SeqCst) {
+            // SAFETY: `_exit` is async-signal-safe, and nothing has been written.
+            unsafe { libc::_exit(130) };
+        }
         let flag = FLAG.load(Ordering::SeqCst);
         if !flag.is_null() {
             // SAFETY: the pointer comes from a leaked `Arc` and is never freed.
@@ -145,6 +197,12 @@ mod interrupt {
         }
         // SAFETY: `signal` is async-signal-safe; back to the default action for the next one.
         unsafe { libc::signal(signal, libc::SIG_DFL) };
+    }
+
+    /// From now on a signal stops the merge at the next tensor instead of ending the process.
+    pub(crate) fn writing() {
+        #[cfg(target_os = "linux")]
+        WRITING.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The flag the signals set, with the handlers installed.
@@ -184,7 +242,7 @@ fn device(arg: DeviceArg) -> Result<Device, Failure> {
     }
 }
 
-fn run(cli: Cli) -> Result<(), Failure> {
+fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<(), Failure> {
     match cli.command {
         Command::Inspect { a, b } => {
             let list = inspect(&a)?;
@@ -193,9 +251,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 .map(|(_, _, s)| s.iter().product::<usize>())
                 .sum();
             for (name, dtype, shape) in &list {
-                println!("{name}  {dtype}  {shape:?}");
+                out!("{name}  {dtype}  {shape:?}");
             }
-            println!("{} tensors, {total} parameters", list.len());
+            out!("{} tensors, {total} parameters", list.len());
             if let Some(b) = b {
                 let (sa, sb) = (shapes(&a)?, shapes(&b)?);
                 let only_a: Vec<&String> = sa.keys().filter(|k| !sb.contains_key(*k)).collect();
@@ -205,7 +263,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     .filter(|(k, s)| sb.get(*k).is_some_and(|t| t != *s))
                     .map(|(k, _)| k)
                     .collect();
-                println!(
+                out!(
                     "pairing with {}: {} in both, {} only in A {:?}, {} only in B {:?}, {} with different shapes {:?}",
                     b.display(),
                     sa.len() - only_a.len(),
@@ -219,7 +277,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 let report = compare_files(&a, &b, &Device::flex())?;
                 let summary = &report.summary;
                 let fixed = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.4}"));
-                println!(
+                out!(
                     "angles over {} float tensors: theta min/median/max {}/{}/{} rad; mean cos {}",
                     summary.tensors,
                     fixed(summary.theta_min),
@@ -228,7 +286,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     summary.mean_cos.map_or("-".into(), |c| format!("{c:.6}"))
                 );
                 for w in &report.warnings {
-                    println!("warning: {w}");
+                    out!("warning: {w}");
                 }
             }
             Ok(())
@@ -279,20 +337,20 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 OutDTypeArg::F16 => OutDType::F16,
                 OutDTypeArg::Bf16 => OutDType::BF16,
             });
-            options.cancel = Some(interrupt::flag());
+            options.cancel = Some(cancel);
             let plan = plan_files(&a, &b, &output, &options)?;
             if dry_run {
-                print!("{plan}");
+                print(format_args!("{plan}"))?;
                 return Ok(());
             }
             for w in &plan.warnings {
-                eprintln!("warning: {w}");
+                note!("warning: {w}");
             }
             let started = std::time::Instant::now();
-            let total = plan.entries.len();
             let terminal = std::io::stderr().is_terminal();
             let bar = (!quiet && terminal).then(|| {
-                let bar = indicatif::ProgressBar::new(total as u64);
+                // The length is set by the first tensor written: merged and copied ones alike.
+                let bar = indicatif::ProgressBar::new(plan.entries.len() as u64);
                 bar.set_style(
                     indicatif::ProgressStyle::with_template(
                         "{bar:30} {pos}/{len} tensors, {msg} [{elapsed} < {eta}]",
@@ -301,19 +359,28 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 );
                 bar
             });
-            let (mut done, mut bytes) = (0usize, 0usize);
+            let mut bytes = 0usize;
             let shown = bar.clone();
-            let progress = move |name: &str, written: usize| {
-                done += 1;
-                bytes += written;
+            let progress = move |p: Progress<'_>| {
+                bytes += p.bytes;
                 if let Some(bar) = &shown {
                     let rate = bytes as f64 / started.elapsed().as_secs_f64().max(1e-9) / 1e6;
                     bar.set_message(format!("{:.1} MB, {rate:.0} MB/s", bytes as f64 / 1e6));
-                    bar.set_position(done as u64);
+                    bar.set_length(p.total as u64);
+                    bar.set_position(p.done as u64);
                 } else if !quiet {
-                    eprintln!("[{done}/{total}] {name} ({written} bytes)");
+                    // Progress is best effort: a closed standard error does not stop the merge.
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "[{}/{}] {} ({} bytes)",
+                        p.done,
+                        p.total,
+                        p.name,
+                        p.bytes
+                    );
                 }
             };
+            interrupt::writing();
             let result = merge_files(&a, &b, &output, &options, progress);
             if let Some(bar) = &bar {
                 bar.finish_and_clear();
@@ -325,9 +392,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             if !quiet {
                 for w in &result.warnings {
-                    eprintln!("warning: {w}");
+                    note!("warning: {w}");
                 }
-                eprintln!(
+                note!(
                     "merged {} tensors ({} parameters) into {} in {:.2} s",
                     result.summary.tensors,
                     result.summary.params,
@@ -341,6 +408,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 fn main() -> ExitCode {
+    // First of all, so that a signal at any point ends the command the same way.
+    let cancel = interrupt::flag();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -348,10 +417,12 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    match run(cli) {
+    match run(cli, cancel) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(message, code)) => {
-            eprintln!("error: {message}");
+            if !message.is_empty() {
+                let _ = writeln!(std::io::stderr(), "error: {message}");
+            }
             ExitCode::from(code)
         }
     }

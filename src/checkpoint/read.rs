@@ -11,11 +11,12 @@ use std::ops::Deref;
 use std::path::{Path, PathBuf};
 
 use burn::store::burn_pack::{self, Bytes, Reader, Scalar};
-use burn::tensor::{BoolStore, DType};
+use burn::tensor::DType;
 use memmap2::Mmap;
-use safetensors::tensor::{Dtype, Metadata, SafeTensors};
+use safetensors::tensor::{Metadata, SafeTensors};
 
-use super::CheckpointError;
+use super::convert::{from_safetensors, label};
+use super::error::CheckpointError;
 
 /// The index file of a Hugging Face sharded checkpoint.
 pub(crate) const INDEX: &str = "model.safetensors.index.json";
@@ -56,7 +57,7 @@ struct Shard {
     metadata: Metadata,
 }
 
-enum Source {
+enum Storage {
     Safetensors {
         shards: Vec<Shard>,
         /// The `metadata` object of the index file.
@@ -77,7 +78,7 @@ pub struct Checkpoint {
     format: Format,
     entries: Vec<Entry>,
     by_name: HashMap<String, usize>,
-    source: Source,
+    storage: Storage,
 }
 
 /// A tensor's bytes: borrowed from a memory map, or read from a burnpack file.
@@ -111,56 +112,6 @@ fn format_error(path: &Path, message: impl Into<String>) -> CheckpointError {
     CheckpointError::Format {
         path: path.to_path_buf(),
         message: message.into(),
-    }
-}
-
-/// The Burn dtype of a safetensors dtype; `None` for those Burn has no type for (fp8, fp4, …).
-pub(crate) fn from_safetensors(dtype: Dtype) -> Option<DType> {
-    Some(match dtype {
-        Dtype::BOOL => DType::Bool(BoolStore::Native),
-        Dtype::U8 => DType::U8,
-        Dtype::I8 => DType::I8,
-        Dtype::U16 => DType::U16,
-        Dtype::I16 => DType::I16,
-        Dtype::U32 => DType::U32,
-        Dtype::I32 => DType::I32,
-        Dtype::U64 => DType::U64,
-        Dtype::I64 => DType::I64,
-        Dtype::F16 => DType::F16,
-        Dtype::BF16 => DType::BF16,
-        Dtype::F32 => DType::F32,
-        Dtype::F64 => DType::F64,
-        _ => return None,
-    })
-}
-
-/// The safetensors dtype with the same bytes; `None` where there is none (quantized tensors,
-/// booleans stored as `u32`).
-pub(crate) fn to_safetensors(dtype: DType) -> Option<Dtype> {
-    Some(match dtype {
-        DType::Bool(BoolStore::Native | BoolStore::U8) => Dtype::BOOL,
-        DType::U8 => Dtype::U8,
-        DType::I8 => Dtype::I8,
-        DType::U16 => Dtype::U16,
-        DType::I16 => Dtype::I16,
-        DType::U32 => Dtype::U32,
-        DType::I32 => Dtype::I32,
-        DType::U64 => Dtype::U64,
-        DType::I64 => Dtype::I64,
-        DType::F16 => Dtype::F16,
-        DType::BF16 => Dtype::BF16,
-        DType::F32 | DType::Flex32 => Dtype::F32,
-        DType::F64 => Dtype::F64,
-        DType::Bool(BoolStore::U32) | DType::QFloat(_) => return None,
-    })
-}
-
-/// A short name for a dtype, as printed in plans and listings.
-pub(crate) fn label(dtype: DType) -> String {
-    match dtype {
-        DType::Bool(_) => "BOOL".into(),
-        DType::QFloat(_) => "QFloat".into(),
-        other => format!("{other:?}"),
     }
 }
 
@@ -244,7 +195,7 @@ impl Checkpoint {
             path,
             Format::Safetensors,
             entries,
-            Source::Safetensors {
+            Storage::Safetensors {
                 shards: vec![shard],
                 index_metadata: Default::default(),
             },
@@ -309,7 +260,7 @@ impl Checkpoint {
             path,
             Format::Sharded,
             entries,
-            Source::Safetensors {
+            Storage::Safetensors {
                 shards,
                 index_metadata,
             },
@@ -345,7 +296,7 @@ impl Checkpoint {
             path,
             Format::Burnpack,
             entries,
-            Source::Burnpack {
+            Storage::Burnpack {
                 tensors,
                 metadata,
                 scalars,
@@ -353,7 +304,7 @@ impl Checkpoint {
         ))
     }
 
-    fn new(path: &Path, format: Format, entries: Vec<Entry>, source: Source) -> Self {
+    fn new(path: &Path, format: Format, entries: Vec<Entry>, storage: Storage) -> Self {
         let by_name = entries
             .iter()
             .enumerate()
@@ -364,7 +315,7 @@ impl Checkpoint {
             format,
             entries,
             by_name,
-            source,
+            storage,
         }
     }
 
@@ -392,12 +343,12 @@ impl Checkpoint {
     /// Key/value metadata: a safetensors file's `__metadata__` (the first shard's), or a
     /// burnpack file's metadata.
     pub fn metadata(&self) -> HashMap<String, String> {
-        match &self.source {
-            Source::Safetensors { shards, .. } => shards
+        match &self.storage {
+            Storage::Safetensors { shards, .. } => shards
                 .first()
                 .and_then(|s| s.metadata.metadata().clone())
                 .unwrap_or_default(),
-            Source::Burnpack { metadata, .. } => metadata.clone().into_iter().collect(),
+            Storage::Burnpack { metadata, .. } => metadata.clone().into_iter().collect(),
         }
     }
 
@@ -411,35 +362,35 @@ impl Checkpoint {
 
     /// The shards' file names and `__metadata__` (one unnamed shard for other formats).
     pub(crate) fn shards(&self) -> Vec<(String, Option<HashMap<String, String>>)> {
-        match &self.source {
-            Source::Safetensors { shards, .. } => shards
+        match &self.storage {
+            Storage::Safetensors { shards, .. } => shards
                 .iter()
                 .map(|s| (s.file.clone(), s.metadata.metadata().clone()))
                 .collect(),
-            Source::Burnpack { .. } => vec![(String::new(), Some(self.metadata()))],
+            Storage::Burnpack { .. } => vec![(String::new(), Some(self.metadata()))],
         }
     }
 
     /// The `metadata` object of a sharded checkpoint's index file.
     pub(crate) fn index_metadata(&self) -> serde_json::Map<String, serde_json::Value> {
-        match &self.source {
-            Source::Safetensors { index_metadata, .. } => index_metadata.clone(),
-            Source::Burnpack { .. } => Default::default(),
+        match &self.storage {
+            Storage::Safetensors { index_metadata, .. } => index_metadata.clone(),
+            Storage::Burnpack { .. } => Default::default(),
         }
     }
 
     /// A burnpack file's typed scalars.
     pub(crate) fn scalars(&self) -> BTreeMap<String, Scalar> {
-        match &self.source {
-            Source::Burnpack { scalars, .. } => scalars.clone(),
-            Source::Safetensors { .. } => BTreeMap::new(),
+        match &self.storage {
+            Storage::Burnpack { scalars, .. } => scalars.clone(),
+            Storage::Safetensors { .. } => BTreeMap::new(),
         }
     }
 
     /// Every file the checkpoint is made of.
     pub(crate) fn files(&self) -> Vec<PathBuf> {
-        match (&self.source, self.format) {
-            (Source::Safetensors { shards, .. }, Format::Sharded) => {
+        match (&self.storage, self.format) {
+            (Storage::Safetensors { shards, .. }, Format::Sharded) => {
                 let dir = if self.path.is_dir() {
                     self.path.clone()
                 } else {
@@ -457,11 +408,11 @@ impl Checkpoint {
     /// A tensor's bytes (little-endian, as stored).
     pub(crate) fn bytes(&self, name: &str) -> Result<Data<'_>, CheckpointError> {
         let i = self.by_name[name];
-        match &self.source {
-            Source::Safetensors { shards, .. } => {
+        match &self.storage {
+            Storage::Safetensors { shards, .. } => {
                 Ok(Data::Mapped(shards[self.entries[i].shard].bytes(name)))
             }
-            Source::Burnpack { tensors, .. } => {
+            Storage::Burnpack { tensors, .. } => {
                 tensors[i].to_bytes().map(Data::Read).map_err(|e| {
                     format_error(&self.path, format!("tensor `{name}` cannot be read: {e}"))
                 })

@@ -5,31 +5,39 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use burn::store::burn_pack::{self, Bytes, Writer};
 use burn::tensor::{DType, Tensor, TensorData};
-use half::{bf16, f16};
 use safetensors::tensor::{Dtype, View};
 
-use super::read::{self, Checkpoint, INDEX};
-use super::{CheckpointError, FileMerge, Format, Item, Job};
+use super::convert::{convert, encode, label, to_f32, to_f64, to_safetensors};
+use super::error::CheckpointError;
+use super::options::{FileMerge, Progress};
+use super::plan::{Origin, OutputTensor};
+use super::read::{Checkpoint, Format, INDEX};
+use crate::error::MergeError;
+use crate::interpolate::{compute_dtype, slerp_with_stats};
 use crate::report::MergeReport;
-use crate::slerp::slerp_with_stats;
-use crate::{MergeError, TensorStats};
+use crate::stats::TensorStats;
 
-/// Called after each tensor is written, with its name and its size in bytes.
-pub(super) type Progress = Box<dyn FnMut(&str, usize) + Send>;
+/// Called after each tensor is written.
+pub(super) type OnProgress = Box<dyn FnMut(Progress<'_>) + Send>;
 
-/// What the tensors being written share.
-struct Shared {
+/// What the tensors being written share: the inputs, the options, and what the writers
+/// collect as they ask for each tensor's bytes.
+struct Writing {
     a: Checkpoint,
     b: Checkpoint,
     options: FileMerge,
-    stats: Mutex<Vec<TensorStats>>,
-    progress: Mutex<Progress>,
+    /// The statistics of each merged tensor, with its index in the output's order.
+    stats: Mutex<Vec<(usize, TensorStats)>>,
+    progress: Mutex<(OnProgress, usize)>,
+    /// Tensors the output holds.
+    total: usize,
     /// The first error, kept for writers that cannot return one.
     error: Mutex<Option<CheckpointError>>,
 }
@@ -38,7 +46,33 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl Shared {
+impl Writing {
+    fn new(
+        a: Checkpoint,
+        b: Checkpoint,
+        options: FileMerge,
+        total: usize,
+        progress: OnProgress,
+    ) -> Self {
+        Self {
+            a,
+            b,
+            options,
+            stats: Mutex::new(Vec::new()),
+            progress: Mutex::new((progress, 0)),
+            total,
+            error: Mutex::new(None),
+        }
+    }
+
+    /// The statistics of the merged tensors, in the output's order, whatever order the writer
+    /// asked for them in.
+    fn report(&self) -> MergeReport {
+        let mut stats = std::mem::take(&mut *lock(&self.stats));
+        stats.sort_by_key(|(index, _)| *index);
+        MergeReport::new(stats.into_iter().map(|(_, s)| s).collect())
+    }
+
     fn failed(&self) -> bool {
         lock(&self.error).is_some()
     }
@@ -48,36 +82,45 @@ impl Shared {
     }
 
     fn done(&self, name: &str, bytes: usize) {
-        (lock(&self.progress))(name, bytes);
+        let mut progress = lock(&self.progress);
+        let (report, done) = &mut *progress;
+        *done += 1;
+        report(Progress {
+            name,
+            bytes,
+            done: *done,
+            total: self.total,
+        });
     }
 
     /// The bytes of one output tensor.
-    fn compute(&self, item: &Item) -> Result<Vec<u8>, CheckpointError> {
-        if let Some(cancel) = &self.options.cancel
-            && cancel.load(Ordering::Relaxed)
-        {
-            return Err(CheckpointError::Interrupted);
-        }
-        let t = match item.job {
-            Job::CopyA => return Ok(self.a.bytes(&item.name)?.to_vec()),
-            Job::CopyB => return Ok(self.b.bytes(&item.name)?.to_vec()),
-            Job::Merge { t, .. } => t,
+    fn compute(&self, tensor: &OutputTensor) -> Result<Vec<u8>, CheckpointError> {
+        self.options.check_cancel()?;
+        let name = &tensor.name;
+        let t = match &tensor.origin {
+            Origin::CopyA => return Ok(self.a.bytes(name)?.to_vec()),
+            Origin::CopyB => return Ok(self.b.bytes(name)?.to_vec()),
+            Origin::Merge(assignment) => assignment.t,
         };
-        let name = &item.name;
-        let n: usize = item.shape.iter().product();
+        // At t = 0 and t = 1 the merge is an input: its bytes, converted where the output dtype
+        // differs, without looking at the values (as the in-memory merge).
+        if t == 0.0 || t == 1.0 {
+            let from = if t == 0.0 { &self.a } else { &self.b };
+            let dtype = from.entry(name).and_then(|e| e.dtype).expect("planned");
+            return convert(dtype, &from.bytes(name)?, tensor.dtype)
+                .ok_or_else(|| does_not_fit(name, tensor.dtype));
+        }
+        let n: usize = tensor.shape.iter().product();
         let device = &self.options.device;
-        // f64 tensors are computed in f64; f32, f16 and bf16 in f32, rounded once at the end.
-        let wide = item.dtype == DType::F64;
+        let compute = compute_dtype(tensor.dtype).expect("a float dtype");
         let load = |from: &Checkpoint| -> Result<Tensor<1>, CheckpointError> {
-            let dtype = from.entry(name).and_then(|e| e.dtype).expect("prepared");
+            let dtype = from.entry(name).and_then(|e| e.dtype).expect("planned");
             let bytes = from.bytes(name)?;
-            Ok(if wide {
-                let values = TensorData::new(to_f64(dtype, &bytes), [n]);
-                Tensor::from_data(values, (device, DType::F64))
-            } else {
-                let values = TensorData::new(to_f32(dtype, &bytes), [n]);
-                Tensor::from_data(values, (device, DType::F32))
-            })
+            let values = match compute {
+                burn::tensor::FloatDType::F64 => TensorData::new(to_f64(dtype, &bytes), [n]),
+                _ => TensorData::new(to_f32(dtype, &bytes), [n]),
+            };
+            Ok(Tensor::from_data(values, (device, compute.into())))
         };
         let (a, b) = (load(&self.a)?, load(&self.b)?);
         let config = self.options.config.clone().with_t(t).with_schedule(None);
@@ -89,8 +132,8 @@ impl Shared {
             other => CheckpointError::Merge(other),
         };
         // Row granularity needs the rows: [rows, rest] as stored.
-        let (out, stats) = if item.shape.len() >= 2 {
-            let rows = item.shape[0].max(1);
+        let (out, stats) = if tensor.shape.len() >= 2 {
+            let rows = tensor.shape[0].max(1);
             let (a2, b2) = (a.reshape([rows, n / rows]), b.reshape([rows, n / rows]));
             let (out, stats) = slerp_with_stats(a2, b2, &config).map_err(merge_error)?;
             (out.reshape([n]), stats)
@@ -99,81 +142,17 @@ impl Shared {
         };
         if let Some(mut stats) = stats {
             stats.path = name.clone();
-            lock(&self.stats).push(stats);
+            lock(&self.stats).push((tensor.index, stats));
         }
-        encode(item.dtype, &out.into_data()).ok_or_else(|| CheckpointError::NonFinite {
-            name: name.clone(),
-            reason: format!("the merged values do not fit {}", read::label(item.dtype)),
-        })
+        encode(tensor.dtype, &out.into_data()).ok_or_else(|| does_not_fit(name, tensor.dtype))
     }
 }
 
-/// Little-endian values of a float tensor, widened to f32.
-fn to_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
-    match dtype {
-        DType::F32 | DType::Flex32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        DType::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        DType::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        // Narrowed once; only used when A is not f64 (the output is A's dtype, or f32/f16/bf16).
-        DType::F64 => to_f64(dtype, bytes).into_iter().map(|v| v as f32).collect(),
-        other => unreachable!("not a float dtype: {other:?}"),
+fn does_not_fit(name: &str, dtype: DType) -> CheckpointError {
+    CheckpointError::NonFinite {
+        name: name.to_string(),
+        reason: format!("the merged values do not fit {}", label(dtype)),
     }
-}
-
-/// Little-endian values of a float tensor, widened to f64.
-fn to_f64(dtype: DType, bytes: &[u8]) -> Vec<f64> {
-    match dtype {
-        DType::F64 => bytes
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect(),
-        other => to_f32(other, bytes).into_iter().map(f64::from).collect(),
-    }
-}
-
-/// The merged values rounded once to `dtype`; `None` when one of them is not finite there.
-fn encode(dtype: DType, data: &TensorData) -> Option<Vec<u8>> {
-    let n = data.num_elements();
-    let mut out = Vec::with_capacity(n * dtype.size());
-    match dtype {
-        DType::F64 => {
-            for v in data.iter::<f64>() {
-                v.is_finite().then_some(())?;
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-        }
-        DType::F32 | DType::Flex32 => {
-            for v in data.iter::<f32>() {
-                v.is_finite().then_some(())?;
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-        }
-        DType::F16 => {
-            for v in data.iter::<f32>() {
-                let h = f16::from_f32(v);
-                h.is_finite().then_some(())?;
-                out.extend_from_slice(&h.to_le_bytes());
-            }
-        }
-        DType::BF16 => {
-            for v in data.iter::<f32>() {
-                let h = bf16::from_f32(v);
-                h.is_finite().then_some(())?;
-                out.extend_from_slice(&h.to_le_bytes());
-            }
-        }
-        other => unreachable!("not a float dtype: {other:?}"),
-    }
-    Some(out)
 }
 
 /// Whether two paths name the same file or folder (the output may not exist yet).
@@ -184,13 +163,50 @@ pub(super) fn same_file(input: &Path, out: &Path) -> bool {
     }
 }
 
-/// A temporary name beside `out`, in the same folder (so the rename is atomic).
-fn temp_path(out: &Path) -> PathBuf {
+/// Temporary files and folders created so far by this process: the unique part of their names.
+static TEMPORARIES: AtomicU64 = AtomicU64::new(0);
+
+/// The `attempt`-th temporary name beside `out`, in the same folder (so the rename is atomic):
+/// `.NAME.partial-PID-N`.
+fn temp_name(out: &Path, attempt: u64) -> PathBuf {
     let name = out
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "merged".into());
-    out.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+    out.with_file_name(format!(".{name}.partial-{}-{attempt}", std::process::id()))
+}
+
+/// Creates a new temporary file (or folder) beside `out` under a name nothing else holds:
+/// created exclusively, so that a file or a symbolic link already at a candidate name is never
+/// written through; that name is skipped for the next. Candidates start at the `first`-th.
+fn create_temp_from(out: &Path, folder: bool, first: u64) -> Result<PathBuf, CheckpointError> {
+    let mut last = None;
+    for attempt in first..first + 64 {
+        let path = temp_name(out, attempt);
+        let created = if folder {
+            std::fs::create_dir(&path)
+        } else {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map(drop)
+        };
+        match created {
+            Ok(()) => return Ok(path),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(source) => return Err(CheckpointError::Io { path, source }),
+        }
+    }
+    Err(CheckpointError::Io {
+        path: temp_name(out, first),
+        source: last.unwrap_or_else(|| std::io::Error::other("no free temporary name")),
+    })
+}
+
+fn create_temp(out: &Path, folder: bool) -> Result<PathBuf, CheckpointError> {
+    let first = TEMPORARIES.fetch_add(64, Ordering::Relaxed);
+    create_temp_from(out, folder, first)
 }
 
 /// Checks that `out` can be written in `format` before anything is computed.
@@ -223,67 +239,69 @@ pub(super) fn check_output(out: &Path, format: Format) -> Result<(), CheckpointE
 }
 
 /// One tensor of a safetensors file, computed when the writer asks for its bytes.
-struct Lazy<'a> {
-    item: &'a Item,
+struct DeferredView<'a> {
+    tensor: &'a OutputTensor,
     dtype: Dtype,
-    shared: &'a Shared,
+    writing: &'a Writing,
 }
 
-impl View for &Lazy<'_> {
+impl View for &DeferredView<'_> {
     fn dtype(&self) -> Dtype {
         self.dtype
     }
 
     fn shape(&self) -> &[usize] {
-        &self.item.shape
+        &self.tensor.shape
     }
 
     fn data(&self) -> Cow<'_, [u8]> {
-        // The writer cannot take an error: the first one is kept, zeros of the right length
-        // are written instead, and the output is discarded at the end.
-        let bytes = if self.shared.failed() {
-            vec![0; self.data_len()]
-        } else {
-            match self.shared.compute(self.item) {
-                Ok(bytes) => bytes,
-                Err(e) => {
-                    self.shared.fail(e);
-                    vec![0; self.data_len()]
-                }
+        // The writer cannot take an error: the first one is kept, and this tensor and every
+        // later one write nothing (the file was sized beforehand, so the short write is
+        // harmless), and the output is discarded at the end.
+        if self.writing.failed() {
+            return Cow::Borrowed(&[]);
+        }
+        match self.writing.compute(self.tensor) {
+            Ok(bytes) => {
+                self.writing.done(&self.tensor.name, bytes.len());
+                Cow::Owned(bytes)
             }
-        };
-        self.shared.done(&self.item.name, bytes.len());
-        Cow::Owned(bytes)
+            Err(e) => {
+                self.writing.fail(e);
+                Cow::Borrowed(&[])
+            }
+        }
     }
 
     fn data_len(&self) -> usize {
-        self.item.byte_len
+        self.tensor.byte_len
     }
 }
 
-/// Writes `items` as one safetensors file at `path`.
+/// Writes `tensors` as one safetensors file at `path`, a file created beforehand (by
+/// [`create_temp`]) whose permissions it keeps.
 fn write_safetensors(
-    shared: &Shared,
-    items: &[&Item],
+    writing: &Writing,
+    tensors: &[&OutputTensor],
     metadata: Option<HashMap<String, String>>,
     path: &Path,
     out: &Path,
 ) -> Result<(), CheckpointError> {
-    let lazies: Vec<Lazy<'_>> = items
+    let views: Vec<DeferredView<'_>> = tensors
         .iter()
-        .map(|item| Lazy {
-            item,
-            dtype: read::to_safetensors(item.dtype).expect("checked in prepare"),
-            shared,
+        .map(|tensor| DeferredView {
+            tensor,
+            dtype: to_safetensors(tensor.dtype).expect("checked when planning"),
+            writing,
         })
         .collect();
-    // The writer renames a private temporary file to `path`: the permissions a file created
-    // here gets (the umask's) are put back on afterwards.
-    let permissions = std::fs::File::create(path)
+    // The writer renames a private temporary file of its own onto `path`: the permissions the
+    // file created at `path` got (the umask's) are put back on afterwards.
+    let permissions = File::open(path)
         .and_then(|f| f.metadata())
         .map(|m| m.permissions());
     let written = safetensors::serialize_to_file(
-        lazies.iter().map(|l| (l.item.name.clone(), l)),
+        views.iter().map(|v| (v.tensor.name.clone(), v)),
         metadata,
         path,
     )
@@ -292,7 +310,7 @@ fn write_safetensors(
         let permissions = permissions.map_err(|e| e.to_string())?;
         std::fs::set_permissions(path, permissions).map_err(|e| e.to_string())
     });
-    if let Some(e) = lock(&shared.error).take() {
+    if let Some(e) = lock(&writing.error).take() {
         return Err(e);
     }
     written.map_err(|e| CheckpointError::Io {
@@ -301,19 +319,15 @@ fn write_safetensors(
     })
 }
 
-/// Writes the shards of a sharded checkpoint and its index into the folder `dir`.
+/// Writes the shards of a sharded checkpoint and its index into the new folder `dir`.
 fn write_sharded(
-    shared: &Shared,
-    items: &[Item],
+    writing: &Writing,
+    tensors: &[OutputTensor],
     dir: &Path,
     out: &Path,
 ) -> Result<(), CheckpointError> {
-    std::fs::create_dir(dir).map_err(|source| CheckpointError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    let shards = shared.a.shards();
-    let single = shards.len() == 1 && shared.a.format() != Format::Sharded;
+    let shards = writing.a.shards();
+    let single = shards.len() == 1 && writing.a.format() != Format::Sharded;
     let mut weight_map = serde_json::Map::new();
     let mut total = 0usize;
     for (i, (file, metadata)) in shards.into_iter().enumerate() {
@@ -322,17 +336,22 @@ fn write_sharded(
         } else {
             file
         };
-        let chosen: Vec<&Item> = items.iter().filter(|item| item.shard == i).collect();
+        let chosen: Vec<&OutputTensor> = tensors.iter().filter(|t| t.shard == i).collect();
         if chosen.is_empty() {
             continue;
         }
-        write_safetensors(shared, &chosen, metadata, &dir.join(&file), out)?;
-        for item in chosen {
-            total += item.byte_len;
-            weight_map.insert(item.name.clone(), file.clone().into());
+        let path = dir.join(&file);
+        File::create_new(&path).map_err(|source| CheckpointError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        write_safetensors(writing, &chosen, metadata, &path, out)?;
+        for tensor in chosen {
+            total += tensor.byte_len;
+            weight_map.insert(tensor.name.clone(), file.clone().into());
         }
     }
-    let mut metadata = shared.a.index_metadata();
+    let mut metadata = writing.a.index_metadata();
     metadata.insert("total_size".into(), total.into());
     let index = serde_json::json!({ "metadata": metadata, "weight_map": weight_map });
     let text = serde_json::to_string_pretty(&index).expect("JSON values serialise");
@@ -342,50 +361,50 @@ fn write_sharded(
     })
 }
 
-/// Writes `items` as one burnpack file at `path`, each tensor deferred until the writer
-/// reaches it.
+/// Writes `tensors` as one burnpack file at `path` (a file created beforehand), each tensor
+/// deferred until the writer reaches it.
 fn write_burnpack(
-    shared: &Arc<Shared>,
-    items: Vec<Item>,
+    writing: &Arc<Writing>,
+    tensors: Vec<OutputTensor>,
     path: &Path,
     out: &Path,
 ) -> Result<(), CheckpointError> {
-    let tensors: Vec<burn_pack::Tensor> = items
+    let deferred: Vec<burn_pack::Tensor> = tensors
         .into_iter()
-        .map(|item| {
+        .map(|tensor| {
             let (name, dtype, shape, id, len) = (
-                item.name.clone(),
-                item.dtype,
-                item.shape.clone(),
-                item.param_id,
-                item.byte_len,
+                tensor.name.clone(),
+                tensor.dtype,
+                tensor.shape.clone(),
+                tensor.param_id,
+                tensor.byte_len,
             );
-            let shared = Arc::clone(shared);
+            let writing = Arc::clone(writing);
             burn_pack::Tensor::deferred(name, dtype, shape, id, len, move || {
-                match shared.compute(&item) {
+                match writing.compute(&tensor) {
                     Ok(bytes) => {
-                        shared.done(&item.name, bytes.len());
+                        writing.done(&tensor.name, bytes.len());
                         Ok(Bytes::from_bytes_vec(bytes))
                     }
                     Err(e) => {
-                        shared.fail(e);
+                        writing.fail(e);
                         Err(burn_pack::Error::ValidationError("stopped".into()))
                     }
                 }
             })
         })
         .collect();
-    let mut writer = Writer::new(tensors).auto_extension(false).overwrite(true);
-    let mut metadata: Vec<(String, String)> = shared.a.metadata().into_iter().collect();
+    let mut writer = Writer::new(deferred).auto_extension(false).overwrite(true);
+    let mut metadata: Vec<(String, String)> = writing.a.metadata().into_iter().collect();
     metadata.sort();
     for (key, value) in &metadata {
         writer = writer.with_metadata(key, value);
     }
-    for (key, value) in shared.a.scalars() {
+    for (key, value) in writing.a.scalars() {
         writer = writer.with_scalar(&key, value);
     }
     let written = writer.write_to_file_in_place(path);
-    if let Some(e) = lock(&shared.error).take() {
+    if let Some(e) = lock(&writing.error).take() {
         return Err(e);
     }
     written.map_err(|e| CheckpointError::Io {
@@ -394,60 +413,41 @@ fn write_burnpack(
     })
 }
 
-/// The statistics of merging every item (the merged values are dropped).
+/// The statistics of merging every tensor (the merged values are dropped).
 pub(super) fn angles(
     a: Checkpoint,
     b: Checkpoint,
-    items: &[Item],
+    tensors: &[OutputTensor],
     options: FileMerge,
 ) -> Result<MergeReport, CheckpointError> {
-    let shared = Shared {
-        a,
-        b,
-        options,
-        stats: Mutex::new(Vec::new()),
-        progress: Mutex::new(Box::new(|_, _| {})),
-        error: Mutex::new(None),
-    };
-    for item in items {
-        shared.compute(item)?;
+    let writing = Writing::new(a, b, options, tensors.len(), Box::new(|_| {}));
+    for tensor in tensors {
+        writing.compute(tensor)?;
     }
-    Ok(MergeReport::new(
-        shared
-            .stats
-            .into_inner()
-            .unwrap_or_else(PoisonError::into_inner),
-    ))
+    Ok(writing.report())
 }
 
-/// Computes and writes every item into `out` in `format`, through a temporary file or folder
+/// Computes and writes every tensor into `out` in `format`, through a temporary file or folder
 /// beside it that is renamed into place only when complete.
 pub(super) fn write(
     a: Checkpoint,
     b: Checkpoint,
-    items: Vec<Item>,
+    tensors: Vec<OutputTensor>,
     out: &Path,
     format: Format,
     options: &FileMerge,
-    progress: Progress,
+    progress: OnProgress,
 ) -> Result<MergeReport, CheckpointError> {
-    let shared = Arc::new(Shared {
-        a,
-        b,
-        options: options.clone(),
-        stats: Mutex::new(Vec::new()),
-        progress: Mutex::new(progress),
-        error: Mutex::new(None),
-    });
-    let temp = temp_path(out);
+    let writing = Arc::new(Writing::new(a, b, options.clone(), tensors.len(), progress));
+    let temp = create_temp(out, format == Format::Sharded)?;
     let written = match format {
         Format::Safetensors => {
-            let chosen: Vec<&Item> = items.iter().collect();
-            let metadata = Some(shared.a.metadata()).filter(|m| !m.is_empty());
-            write_safetensors(&shared, &chosen, metadata, &temp, out)
+            let chosen: Vec<&OutputTensor> = tensors.iter().collect();
+            let metadata = Some(writing.a.metadata()).filter(|m| !m.is_empty());
+            write_safetensors(&writing, &chosen, metadata, &temp, out)
         }
-        Format::Sharded => write_sharded(&shared, &items, &temp, out),
-        Format::Burnpack => write_burnpack(&shared, items, &temp, out),
+        Format::Sharded => write_sharded(&writing, &tensors, &temp, out),
+        Format::Burnpack => write_burnpack(&writing, tensors, &temp, out),
     };
     let remove = |path: &Path| {
         let _ = if path.is_dir() {
@@ -467,6 +467,42 @@ pub(super) fn write(
             source,
         }
     })?;
-    let stats = std::mem::take(&mut *lock(&shared.stats));
-    Ok(MergeReport::new(stats))
+    Ok(writing.report())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A symbolic link planted at the first temporary name is neither followed nor replaced:
+    /// the next name is taken, and the link's target is untouched.
+    #[cfg(unix)]
+    #[test]
+    fn temporaries_never_write_through_a_planted_link() {
+        let dir = std::env::temp_dir().join(format!("burn-slerp-temp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("merged.safetensors");
+        let target = dir.join("precious");
+        std::fs::write(&target, b"keep me").unwrap();
+        std::os::unix::fs::symlink(&target, temp_name(&out, 7)).unwrap();
+        for folder in [false, true] {
+            let temp = create_temp_from(&out, folder, 7).unwrap();
+            assert_ne!(temp, temp_name(&out, 7));
+            assert!(!temp.is_symlink());
+            assert_eq!(temp.is_dir(), folder);
+            if folder {
+                std::fs::remove_dir(&temp).unwrap();
+            } else {
+                std::fs::remove_file(&temp).unwrap();
+            }
+        }
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
+        // Two temporaries of one process never share a name.
+        let (x, y) = (
+            create_temp(&out, false).unwrap(),
+            create_temp(&out, false).unwrap(),
+        );
+        assert_ne!(x, y);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

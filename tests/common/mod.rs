@@ -514,12 +514,60 @@ pub fn huge_values_do_not_overflow(device: &Device) {
         };
         assert!(rel_l2(&out, &want) <= 1e-6, "{granularity:?}");
     }
-    // And tiny ones do not underflow into the zero-norm branch.
-    let a: Vec<f32> = a.iter().map(|x| x * 1e-30).collect();
-    let b: Vec<f32> = b.iter().map(|x| x * 1e-30).collect();
-    let out = run(device, &a, &b, &SlerpConfig::new(0.3).with_eps(0.0));
-    let want = reference(&to64(&a), &to64(&b), 0.3, 0.0, None);
-    assert!(rel_l2(&out, &want) <= 1e-6);
+    // And tiny ones do not underflow into the zero-norm branch: values near 1e-25, whose f32
+    // squares (1e-50) are below even f32's subnormals, per tensor and per row.
+    let (c, d) = pair(25, 10_000);
+    let c: Vec<f32> = c.iter().map(|x| x * 1e-25).collect();
+    let d: Vec<f32> = d.iter().map(|x| x * 1e-25).collect();
+    assert!(c.iter().all(|x| x.is_normal() || *x == 0.0));
+    assert!(c.iter().all(|x| x * x < 1e-45));
+    for granularity in [Granularity::Tensor, Granularity::Row] {
+        let config = SlerpConfig::new(0.3)
+            .with_eps(0.0)
+            .with_granularity(granularity);
+        let (ta, tb) = (
+            tensor(c.clone(), [100, 100], device),
+            tensor(d.clone(), [100, 100], device),
+        );
+        let (out, stats) = SlerpMerger::new(config.clone())
+            .unwrap()
+            .merge_with_stats(&Flat2::new(ta.clone()), &Flat2::new(tb.clone()))
+            .unwrap();
+        // eps = 0 here too: every row is interpolated spherically.
+        let (c64, d64) = (to64(&c), to64(&d));
+        let want: Vec<f64> = match granularity {
+            Granularity::Tensor => reference(&c64, &d64, 0.3, 0.0, None),
+            Granularity::Row => (0..100)
+                .flat_map(|r| {
+                    let s = r * 100..(r + 1) * 100;
+                    reference(&c64[s.clone()], &d64[s], 0.3, 0.0, None)
+                })
+                .collect(),
+        };
+        let got = values(out.x.val());
+        assert!(rel_l2(&got, &want) <= 1e-6, "{granularity:?}");
+        // The norm itself, against f64: no digit lost to underflow.
+        let norm = to64(&c).iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!(
+            (stats[0].norm_a / norm - 1.0).abs() < 1e-6,
+            "{granularity:?}"
+        );
+        assert_ne!(stats[0].branch, Branch::Lerp(LerpReason::ZeroNorm));
+    }
+}
+
+/// A module holding one 2-D float parameter.
+#[derive(Module, Debug)]
+pub struct Flat2 {
+    pub x: Param<Tensor<2>>,
+}
+
+impl Flat2 {
+    pub fn new(x: Tensor<2>) -> Self {
+        Self {
+            x: Param::from_tensor(x),
+        }
+    }
 }
 
 /// The accuracy bar: ≥ 1e7 elements, relative L2 error ≤ 1e-6 against the f64 reference, for
@@ -677,6 +725,28 @@ pub fn f64_tensors_are_computed_in_f64(device: &Device) {
         .sqrt()
         / want.iter().map(|y| y * y).sum::<f64>().sqrt();
     assert!(err <= 1e-13, "{err:e}");
+
+    // Per row: the coefficient columns are f64 too, whatever the device's default float dtype.
+    let (a, b) = pair(20, 16 * 257);
+    let want = reference_rows(&to64(&a), &to64(&b), 16, 0.35);
+    let a = tensor(a, [16, 257], device).cast(FloatDType::F64);
+    let b = tensor(b, [16, 257], device).cast(FloatDType::F64);
+    let row = SlerpConfig::new(0.35).with_granularity(Granularity::Row);
+    for out in [
+        slerp(a.clone(), b.clone(), &row).unwrap(),
+        slerp_generic(a, b, &row).unwrap(),
+    ] {
+        assert_eq!(out.dtype(), DType::F64);
+        let got: Vec<f64> = out.into_data().iter::<f64>().collect();
+        let err = got
+            .iter()
+            .zip(&want)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f64>()
+            .sqrt()
+            / want.iter().map(|y| y * y).sum::<f64>().sqrt();
+        assert!(err <= 1e-13, "rows: {err:e}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -847,6 +917,90 @@ pub fn kind_mismatch_is_error(device: &Device) {
     };
     let want = reference(&[1.0, 2.0], &[3.0, -1.0], 0.5, 1e-8, None);
     assert!(rel_l2(&values(p.val()), &want) <= 1e-7);
+}
+
+/// A hand-written module that reports its two float parameters at one path, `x`.
+#[derive(Clone, Debug)]
+pub struct Twice {
+    pub first: Param<Tensor<1>>,
+    pub second: Param<Tensor<1>>,
+}
+
+impl Module for Twice {
+    fn collect_devices(&self, devices: Vec<Device>) -> Vec<Device> {
+        self.second
+            .collect_devices(self.first.collect_devices(devices))
+    }
+    fn fork(self, device: &Device) -> Self {
+        self.to_device(device)
+    }
+    fn to_device(self, device: &Device) -> Self {
+        Twice {
+            first: self.first.to_device(device),
+            second: self.second.to_device(device),
+        }
+    }
+    fn train(self) -> Self {
+        self
+    }
+    fn valid(&self) -> Self {
+        self.clone()
+    }
+    fn materialize(self) -> Self {
+        self
+    }
+    fn visit<V: ModuleVisitor>(&self, visitor: &mut V) {
+        for p in [&self.first, &self.second] {
+            visitor.enter_module("x", "Struct:Twice");
+            visitor.visit_float(p);
+            visitor.exit_module("x", "Struct:Twice");
+        }
+    }
+    fn map<M: ModuleMapper>(self, mapper: &mut M) -> Self {
+        let mut one = |p| {
+            mapper.enter_module("x", "Struct:Twice");
+            let p = mapper.map_float(p);
+            mapper.exit_module("x", "Struct:Twice");
+            p
+        };
+        let first = one(self.first);
+        let second = one(self.second);
+        Twice { first, second }
+    }
+}
+
+impl burn::module::ModuleDisplayDefault for Twice {
+    fn content(&self, content: burn::module::Content) -> Option<burn::module::Content> {
+        Some(content)
+    }
+}
+impl burn::module::ModuleDisplay for Twice {}
+
+/// Two parameters at one path cannot be paired: refused, naming the path and the model.
+pub fn duplicate_paths_are_errors(device: &Device) {
+    let twice = |x: f32, y: f32| Twice {
+        first: Param::from_tensor(tensor(vec![x, 1.0], [2], device)),
+        second: Param::from_tensor(tensor(vec![y, 2.0], [2], device)),
+    };
+    let (a, b) = (twice(1.0, 2.0), twice(3.0, 4.0));
+    for (x, y, model) in [(&a, &b, "a"), (&b, &a, "a")] {
+        let err = merger(0.5).merge(x, y).unwrap_err();
+        assert!(
+            matches!(&err, MergeError::DuplicateParam { path, model: m } if path == "x" && m == model),
+            "{err}"
+        );
+        assert_eq!(err.to_string(), "parameter `x` appears twice in model a");
+        assert!(matches!(
+            merger(0.5).plan(x, y),
+            Err(MergeError::DuplicateParam { .. })
+        ));
+    }
+    // The mean names models by their index.
+    let mean = burn_slerp::SphericalMean::new(vec![1.0, 1.0, 1.0]).unwrap();
+    assert!(matches!(
+        mean.merge(&[&a, &a, &b]),
+        Err(MergeError::DuplicateParam { model, .. }) if model == "0"
+    ));
 }
 
 pub fn non_finite_is_error(device: &Device) {

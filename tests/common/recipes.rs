@@ -20,8 +20,10 @@ fn floats(bits: &[u32]) -> Vec<f64> {
 }
 
 /// The schedule the recipe cases use, and what it must give each path of [`Net`] (written out
-/// by hand from the rules: `blocks` is a Vec of 2, so its layers sit at positions 0 and 1;
-/// `emb` comes before it (0), `head` after it (1)).
+/// by hand from the rules and the layer-position rule: the first numeric segment of a path is
+/// its layer index, so `blocks` (a Vec of 2) and `norms` (an array of 2) are stacks of two
+/// layers at positions 0 and 1, and everything outside them (`emb`, `conv`, `bn`, `head`) is
+/// at position 0).
 fn schedule() -> Schedule {
     Schedule::new()
         .with_rule("blocks.*.attn.**", vec![0.2, 0.8].into())
@@ -29,6 +31,7 @@ fn schedule() -> Schedule {
         .with_rule("emb.*", vec![0.1, 0.3].into())
         .with_rule("head.**", vec![0.3, 0.6].into())
         .with_rule("nothing.*", 0.4.into())
+        .with_rule("norms.*.gamma", vec![0.2, 0.7].into())
 }
 
 fn expected_t(path: &str) -> f64 {
@@ -41,9 +44,22 @@ fn expected_t(path: &str) -> f64 {
     } else if path.starts_with("emb.") {
         0.1
     } else if path.starts_with("head.") {
-        0.6
+        0.3
+    } else if path == "norms.0.gamma" {
+        0.2
+    } else if path == "norms.1.gamma" {
+        0.7
     } else {
         0.5
+    }
+}
+
+/// The layer position of each path of [`Net`], by hand.
+fn expected_position(path: &str) -> f64 {
+    if path.starts_with("blocks.1.") || path.starts_with("norms.1.") {
+        1.0
+    } else {
+        0.0
     }
 }
 
@@ -62,9 +78,9 @@ pub fn schedule_gives_each_tensor_its_t(device: &Device) {
         assert!(err <= 1e-6, "{path} at t={t}: relative error {err:e}");
         *seen.entry(t.to_bits()).or_insert(0) += 1;
     }
-    // Six factors: rule 0 at two positions, rules 1 to 3, and the default (rule 4 matches
-    // nothing).
-    assert_eq!(seen.len(), 6, "{seen:?}");
+    // Seven factors: rule 0 at two positions, rules 1 to 3, rule 5 at two positions (one of
+    // them 0.2 again), and the default (rule 4 matches nothing).
+    assert_eq!(seen.len(), 7, "{seen:?}");
     for s in &stats {
         assert_eq!(s.t, expected_t(&s.path), "{}", s.path);
     }
@@ -97,6 +113,7 @@ pub fn plan_lists_tensors_without_computing(device: &Device) {
     for e in &plan.entries {
         assert_eq!(e.shape, floats_of_a[&e.path].0, "{}", e.path);
         assert_eq!(e.t, expected_t(&e.path), "{}", e.path);
+        assert_eq!(e.position, expected_position(&e.path), "{}", e.path);
         assert_eq!(e.dtype.as_deref(), Some("F32"));
     }
     let blocks1 = plan
@@ -105,8 +122,9 @@ pub fn plan_lists_tensors_without_computing(device: &Device) {
         .find(|e| e.path == "blocks.1.attn.query.weight")
         .unwrap();
     assert_eq!((blocks1.rule, blocks1.position), (Some(0), 1.0));
+    // Outside the layers, after them too: position 0, as in mergekit.
     let head = plan.entries.iter().find(|e| e.path == "head.Dense.weight");
-    assert_eq!(head.map(|e| e.position), Some(1.0));
+    assert_eq!(head.map(|e| (e.position, e.t)), Some((0.0, 0.3)));
     assert_eq!(plan.warnings.len(), 1);
     assert!(
         plan.warnings[0].contains("nothing.*"),
@@ -399,8 +417,10 @@ pub fn spherical_mean_of_n_models(device: &Device) {
     assert_eq!(stats.branch, Branch::Lerp(LerpReason::ZeroNorm));
     let want: Vec<f64> = xs[0].iter().map(|x| 0.75 * x).collect();
     assert!(rel_l2(&values(mean), &want) <= 1e-6);
+    // x and −x weighted 1 : 3: the mean direction is −x̂, antipodal to x, so the result is the
+    // weighted linear mean (x − 3x)/4 = −x/2.
     let neg: Vec<f32> = raw[0].iter().map(|x| -x).collect();
-    let (_, stats) = SphericalMean::new(vec![1.0, 1.0])
+    let (mean, stats) = SphericalMean::new(vec![1.0, 3.0])
         .unwrap()
         .mean(vec![
             tensor(raw[0].clone(), [n], device),
@@ -408,6 +428,8 @@ pub fn spherical_mean_of_n_models(device: &Device) {
         ])
         .unwrap();
     assert_eq!(stats.branch, Branch::Lerp(LerpReason::Antiparallel));
+    let want: Vec<f64> = xs[0].iter().map(|x| -0.5 * x).collect();
+    assert!(rel_l2(&values(mean), &want) <= 1e-6);
 
     // Weights are validated.
     for w in [
@@ -422,11 +444,40 @@ pub fn spherical_mean_of_n_models(device: &Device) {
         ));
     }
 
-    // Whole models: every float tensor, discrete parts from the first.
+    // Whole models: every float tensor against the f64 conditions (the Karcher condition and
+    // the weighted mean of the norms, or the weighted linear mean where the mean falls back to
+    // it), discrete parts from the first.
     let models = [net(device, 53), net(device, 54), net(device, 55)];
+    let weights = [0.25, 0.25, 0.5];
     let mean = SphericalMean::new(vec![1.0, 1.0, 2.0]).unwrap();
     let (merged, stats) = mean.merge(&[&models[0], &models[1], &models[2]]).unwrap();
-    assert_eq!(stats.len(), dump(&models[0]).len());
+    let dumps: Vec<_> = models.iter().map(dump).collect();
+    let got = dump(&merged);
+    assert_eq!(stats.len(), dumps[0].len());
+    for s in &stats {
+        let xs: Vec<Vec<f64>> = dumps.iter().map(|d| floats(&d[&s.path].1)).collect();
+        let m = floats(&got[&s.path].1);
+        match s.branch {
+            Branch::Slerp => {
+                let residual = karcher_residual(&m, &xs, &weights);
+                assert!(residual < 1e-5, "{}: {residual:e}", s.path);
+                let norm_mean: f64 = xs.iter().zip(&weights).map(|(x, w)| w * norm(x)).sum();
+                assert!((norm(&m) / norm_mean - 1.0).abs() < 1e-6, "{}", s.path);
+            }
+            Branch::Lerp(_) => {
+                let linear: Vec<f64> = (0..m.len())
+                    .map(|i| xs.iter().zip(&weights).map(|(x, w)| w * x[i]).sum())
+                    .collect();
+                let m32: Vec<f32> = m.iter().map(|v| *v as f32).collect();
+                let close = rel_l2(&m32, &linear) <= 1e-6 || linear.iter().all(|v| *v == 0.0);
+                assert!(close && m.iter().all(|v| v.is_finite()), "{}", s.path);
+            }
+        }
+    }
+    // The LayerNorm kept at zeros takes the linear mean (a zero norm); the rest are spherical.
+    let branch = |path: &str| stats.iter().find(|s| s.path == path).unwrap().branch;
+    assert_eq!(branch("norms.1.beta"), Branch::Lerp(LerpReason::ZeroNorm));
+    assert_eq!(branch("blocks.0.attn.query.weight"), Branch::Slerp);
     assert_eq!(
         merged.ids.val().into_data(),
         models[0].ids.val().into_data()
@@ -467,6 +518,32 @@ pub fn sweep_merges_each_t_from_the_inputs(device: &Device) {
     assert!(matches!(err, Err(MergeError::InvalidT { .. })));
     assert_eq!(calls, 0);
     assert!(sweep.to_string().contains("<- best"));
-    assert!(!sweep.plot(5).is_empty());
-    let _ = Factor::Constant(0.0);
+    // The plot, by hand: the best score (t = 0.25, the target) on the top line, the worst
+    // (t = 1, the farthest from it along the circle) on the bottom one, then the axis.
+    let plot = sweep.plot(5);
+    let lines: Vec<&str> = plot.lines().collect();
+    assert_eq!(lines.len(), 7, "{plot}");
+    let row = |line: &str| line.split_once('|').unwrap().1.to_string();
+    assert_eq!(
+        row(lines[0]),
+        format!("   {}{}", " * ", "   ".repeat(3)),
+        "{plot}"
+    );
+    assert_eq!(row(lines[4]), format!("{} * ", "   ".repeat(4)), "{plot}");
+    assert_eq!(lines[6], format!("{:>9}  .0 .2 .5 .8 1.0", "t"), "{plot}");
+
+    // Schedule rules keep their own factor whatever t is swept: a rule at 0 gives a itself at
+    // every point.
+    let pinned = SlerpMerger::new(
+        SlerpConfig::new(0.5)
+            .with_schedule(Some(Schedule::new().with_rule("x", Factor::Constant(0.0)))),
+    )
+    .unwrap();
+    let sweep = pinned
+        .sweep(&ma, &mb, [0.3, 0.6, 1.0], |model: &Flat, _| {
+            assert!(values(model.x.val()) == a, "the rule's factor was replaced");
+            1.0
+        })
+        .unwrap();
+    assert_eq!(sweep.points.len(), 3);
 }

@@ -1,4 +1,4 @@
-//! Fused SLERP kernels for the CPU backends, through Burn's backend-extension mechanism.
+//! Fused SLERP kernels for the CPU backends (flex, ndarray).
 //!
 //! Two passes over memory, the least the two-pass scheme allows: one read of `a` and `b` gives
 //! `Σa²`, `Σb²` and `Σa·b` (per row or for the whole tensor, accumulated in f64 per chunk), one
@@ -6,9 +6,8 @@
 //! run in parallel over contiguous chunks with rayon. The coefficients are computed between the
 //! two passes by the caller, on the host, in f64.
 //!
-//! Only contiguous f32 tensors on flex or ndarray take this route; [`route`] decides it before
-//! anything is dispatched (the generated dispatch panics on a backend it does not list), and
-//! everything else takes the generic tensor-op path.
+//! Only f32 tensors on flex or ndarray come here ([`super::route`]); a non-contiguous one is
+//! copied to contiguous memory first.
 
 // burn-ndarray is deprecated upstream; this crate still supports it behind its `ndarray` feature.
 #![allow(deprecated)]
@@ -19,7 +18,7 @@
 )]
 
 use burn::backend::{Backend, backend_extension, tensor::FloatTensor};
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 use wide::f32x8;
 
@@ -43,26 +42,6 @@ pub(crate) trait SlerpKernels: Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// Whether the device is one of the CPU backends this crate has kernels for (flex, ndarray),
-/// without autodiff.
-pub(crate) fn cpu_backend(device: &Device) -> bool {
-    use burn::backend::DispatchDevice;
-    #[allow(unreachable_patterns)] // with ndarray as the only backend, nothing else is left
-    match device.as_dispatch() {
-        #[cfg(feature = "flex")]
-        DispatchDevice::Flex(_) => true,
-        #[cfg(feature = "ndarray")]
-        DispatchDevice::NdArray(_) => true,
-        _ => false,
-    }
-}
-
-/// Whether a pair of tensors (same shape and device) can take the fused kernels: f32 on flex or
-/// ndarray, without autodiff. Decided before dispatching.
-pub(crate) fn route<const D: usize>(a: &Tensor<D>, b: &Tensor<D>) -> bool {
-    cpu_backend(&a.device()) && a.dtype() == DType::F32 && b.dtype() == DType::F32
-}
-
 /// Per-row statistics through the fused kernel: `rows` triples `(Σa², Σb², Σa·b)`.
 pub(crate) fn stats<const D: usize>(a: Tensor<D>, b: Tensor<D>, rows: usize) -> Vec<f64> {
     use burn::backend::Dispatch;
@@ -83,9 +62,10 @@ pub(crate) fn combine<const D: usize>(
     use burn::backend::Dispatch;
     let rows = coefficients.len() / 2;
     let device = a.device();
+    // f32 whatever the device's default float dtype is.
     let coefficients = Tensor::<2>::from_data(
-        burn::tensor::TensorData::new(coefficients, [rows, 2]),
-        &device,
+        TensorData::new(coefficients, [rows, 2]),
+        (&device, DType::F32),
     );
     let out = <Dispatch as SlerpKernels>::slerp_combine(
         a.into_dispatch(),

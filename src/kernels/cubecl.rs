@@ -1,5 +1,4 @@
-//! Fused SLERP kernels for the CubeCL backend (wgpu, and with it CUDA, ROCm and Metal), through
-//! Burn's backend-extension mechanism.
+//! Fused SLERP kernels for the CubeCL backend (wgpu, and with it CUDA, ROCm and Metal).
 //!
 //! Everything stays on the device, coefficients included, so a whole-model merge reads back one
 //! small buffer at its end instead of one per tensor:
@@ -16,8 +15,6 @@
 //!
 //! The 8-value rows are what [`decode`] turns into statistics on the host.
 
-#![cfg(feature = "wgpu")]
-
 use burn::backend::{Backend, backend_extension, tensor::FloatTensor};
 use burn::tensor::{DType, Shape, Tensor};
 use burn_cubecl::cubecl;
@@ -27,9 +24,7 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, cubecl::calculate_cube_count_elemwise};
 
-use crate::SlerpConfig;
-use crate::slerp::{Coefficients, PairStats};
-use crate::stats::{Branch, LerpReason};
+use crate::numerics::{ANTIPARALLEL_MARGIN, Branch, Coefficients, LerpReason, PairStats};
 
 /// Values per row of the prepared buffer: `ma, Σa'², mb, Σb'², Σa'b', c0, c1, branch`.
 pub(crate) const WIDTH: usize = 8;
@@ -44,11 +39,13 @@ const CUBE: u32 = 256;
 const PI_HIGH: f32 = 3.140_625;
 const PI_LOW: f32 = (std::f64::consts::PI - 3.140_625) as f32;
 
-// Branch codes the `coefficients` kernel writes (as f32; 0 is the spherical branch).
-const ZERO_NORM_CODE: u32 = 1;
-const ANTIPARALLEL_CODE: u32 = 2;
-const DOT_THRESHOLD_CODE: u32 = 3;
-const METHOD_CODE: u32 = 4;
+// The branch codes the `coefficients` kernel writes, as f32 (0 is the spherical branch).
+const ZERO_NORM: f32 = Branch::Lerp(LerpReason::ZeroNorm).code() as f32;
+const ANTIPARALLEL: f32 = Branch::Lerp(LerpReason::Antiparallel).code() as f32;
+const DOT_THRESHOLD: f32 = Branch::Lerp(LerpReason::DotThreshold).code() as f32;
+const METHOD: f32 = Branch::Lerp(LerpReason::Method).code() as f32;
+/// `cos θ` below this is antiparallel.
+const ANTIPARALLEL_COS: f32 = -(1.0 - ANTIPARALLEL_MARGIN) as f32;
 
 #[backend_extension(Cube: cfg(feature = "wgpu"), Fusion: cfg(feature = "wgpu"))]
 pub(crate) trait SlerpDeviceKernels: Backend {
@@ -77,34 +74,38 @@ pub(crate) trait SlerpDeviceKernels: Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// Whether the pair can take these kernels: f32 on a CubeCL device, without autodiff.
-pub(crate) fn route<const D: usize>(a: &Tensor<D>, b: &Tensor<D>) -> bool {
-    use burn::backend::DispatchDevice;
-    matches!(a.device().as_dispatch(), DispatchDevice::Cube(_))
-        && a.dtype() == DType::F32
-        && b.dtype() == DType::F32
+/// What the `coefficients` kernel needs of the configuration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DeviceParams {
+    /// The factor.
+    pub(crate) t: f64,
+    /// Norm at or below which a row counts as zero.
+    pub(crate) eps: f64,
+    /// mergekit's threshold on `|cos θ|`, if any.
+    pub(crate) dot_threshold: Option<f64>,
+    /// Linear interpolation whatever the angle.
+    pub(crate) lerp_only: bool,
 }
 
-/// Queues the statistics and coefficients of `rows` equal rows: a `[rows, 8]` tensor on the
-/// device, nothing read back.
+/// Queues the statistics and coefficients of `rows` equal rows of two f32 tensors: a
+/// `[rows, 8]` tensor on the device, nothing read back.
 pub(crate) fn prepare<const D: usize>(
     a: Tensor<D>,
     b: Tensor<D>,
     rows: usize,
-    config: &SlerpConfig,
-    lerp_only: bool,
+    params: DeviceParams,
 ) -> Tensor<2> {
     use burn::backend::Dispatch;
-    let threshold = config.dot_threshold.map_or(2.0, |d| d as f32);
+    let threshold = params.dot_threshold.map_or(2.0, |d| d as f32);
     let out = <Dispatch as SlerpDeviceKernels>::slerp_prepare(
         a.into_dispatch(),
         b.into_dispatch(),
         rows,
-        config.t as f32,
-        (1.0 - config.t) as f32,
-        config.eps as f32,
+        params.t as f32,
+        (1.0 - params.t) as f32,
+        params.eps as f32,
         threshold,
-        lerp_only,
+        params.lerp_only,
     );
     Tensor::from_dispatch(out)
 }
@@ -133,13 +134,7 @@ pub(crate) fn decode(values: &[f32]) -> Vec<(PairStats, Coefficients)> {
                 bb: mb * mb * bb,
                 ab: ma * mb * ab,
             };
-            let branch = match code as u32 {
-                ZERO_NORM_CODE => Branch::Lerp(LerpReason::ZeroNorm),
-                ANTIPARALLEL_CODE => Branch::Lerp(LerpReason::Antiparallel),
-                DOT_THRESHOLD_CODE => Branch::Lerp(LerpReason::DotThreshold),
-                METHOD_CODE => Branch::Lerp(LerpReason::Method),
-                _ => Branch::Slerp,
-            };
+            let branch = Branch::from_code(code as u32);
             (stats, Coefficients { c0, c1, branch })
         })
         .collect()
@@ -385,9 +380,9 @@ fn coefficients_kernel<F: Float>(
     let ra = aa.sqrt();
     let rb = bb.sqrt();
     if lerp_only == 1 {
-        code = F::new(4.0);
+        code = F::new(METHOD);
     } else if ma * ra <= eps || mb * rb <= eps {
-        code = F::new(1.0);
+        code = F::new(ZERO_NORM);
     } else {
         let mut cos = ab / (ra * rb);
         if cos > one {
@@ -397,9 +392,9 @@ fn coefficients_kernel<F: Float>(
             cos = -one;
         }
         if cos.abs() > threshold {
-            code = F::new(3.0);
-        } else if cos < F::new(-(1.0 - 5e-4)) {
-            code = F::new(2.0);
+            code = F::new(DOT_THRESHOLD);
+        } else if cos < F::new(ANTIPARALLEL_COS) {
+            code = F::new(ANTIPARALLEL);
         } else {
             // 2 ∓ 2·cos ≥ 0 once cos is clamped.
             let minus = (two - two * cos).sqrt();

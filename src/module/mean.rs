@@ -1,16 +1,14 @@
 //! [`SphericalMean`]: the weighted Riemannian (Karcher) mean of N models on the sphere.
 
-use burn::module::{Module, ModuleMapper, Param};
-use burn::tensor::{DType, FloatDType, Tensor};
+use burn::module::Module;
+use burn::tensor::Tensor;
 use serde::Serialize;
 
-use crate::MergeError;
-use crate::merger::{FloatCollector, Originals, PathStack, check_structure};
-use crate::slerp::{Leaf, check_dtype, same_device, sinc, tensor_stats};
-use crate::stats::{Branch, LerpReason, angle};
-
-/// `cos` below `-(1 - ANTIPODAL_MARGIN)` between the mean and a model counts as antipodal.
-const ANTIPODAL_MARGIN: f64 = 5e-4;
+use super::walk::{Combine, Mapped, check_structure, map_pairs};
+use crate::error::MergeError;
+use crate::interpolate::{AutodiffState, Interpolated, TensorInfo, check_pair, compute_dtype};
+use crate::numerics::{ANTIPARALLEL_MARGIN, Angle, Branch, LerpReason, angle, sinc};
+use crate::reduce::tensor_stats;
 
 /// The weighted Karcher mean of N ≥ 2 models (or tensors) on the sphere.
 ///
@@ -162,32 +160,16 @@ impl SphericalMean {
         tensors: Vec<Tensor<D>>,
     ) -> Result<(Tensor<D>, MeanStats), MergeError> {
         self.validate(tensors.len())?;
-        let first = &tensors[0];
-        for t in &tensors[1..] {
-            if t.dims() != first.dims() {
-                return Err(MergeError::ShapeMismatch {
-                    path: String::new(),
-                    a: first.dims().to_vec(),
-                    b: t.dims().to_vec(),
-                });
-            }
-            if !same_device(&first.device(), &t.device()) {
-                return Err(MergeError::DeviceMismatch {
-                    path: String::new(),
-                    a: Box::new(first.device()),
-                    b: Box::new(t.device()),
-                });
-            }
-        }
+        let first = TensorInfo::of(&tensors[0]);
         for t in &tensors {
-            check_dtype(t.dtype(), "")?;
+            check_pair("", &first, &TensorInfo::of(t))?;
         }
-        let leaf = Leaf::of(first);
-        let inner = tensors.into_iter().map(Tensor::inner).collect();
-        let (out, stats) = self.compute(inner).ok_or(MergeError::NonFinite {
+        let autodiff = AutodiffState::of(&tensors[0]);
+        let inner: Vec<_> = tensors.into_iter().map(Tensor::inner).collect();
+        let (out, stats) = self.compute(&inner).ok_or(MergeError::NonFinite {
             path: String::new(),
         })?;
-        Ok((leaf.restore(out), stats))
+        Ok((autodiff.restore(out), stats))
     }
 
     /// The mean of N models of one architecture: every float parameter averaged on the
@@ -201,53 +183,42 @@ impl SphericalMean {
     /// number of models.
     pub fn merge<M: Module>(&self, models: &[&M]) -> Result<(M, Vec<MeanStats>), MergeError> {
         self.validate(models.len())?;
-        let first = models[0];
-        for other in &models[1..] {
-            check_structure(first, *other)?;
-        }
-        let mut originals = Originals::default();
-        first.visit(&mut originals);
-        let others = models[1..]
+        let names: Vec<String> = (0..models.len()).map(|i| i.to_string()).collect();
+        let others: Vec<(&str, &M)> = names[1..]
             .iter()
-            .map(|m| {
-                let mut collector = FloatCollector::default();
-                m.valid().visit(&mut collector);
-                collector.tensors
-            })
+            .map(String::as_str)
+            .zip(models[1..].iter().copied())
             .collect();
-        let mut mapper = MeanMapper {
-            mean: self,
-            path: PathStack::default(),
-            originals,
-            others,
-            non_finite: None,
-            stats: Vec::new(),
-        };
-        let merged = first.valid().map(&mut mapper);
-        match mapper.non_finite {
-            Some(path) => Err(MergeError::NonFinite { path }),
-            None => Ok((merged, mapper.stats)),
+        check_structure((&names[0], models[0]), &others)?;
+        let Mapped {
+            module,
+            stats,
+            non_finite,
+        } = map_pairs(models[0], &models[1..], &mut MeanCombine { mean: self });
+        if let Some(path) = non_finite {
+            return Err(MergeError::NonFinite { path });
         }
+        let stats = stats
+            .into_iter()
+            .map(|(path, stats)| MeanStats { path, ..stats })
+            .collect();
+        Ok((module, stats))
     }
 
     /// The mean of tensors known to match, without autodiff; `None` when a weighted one is not
     /// finite.
-    fn compute<const D: usize>(&self, tensors: Vec<Tensor<D>>) -> Option<(Tensor<D>, MeanStats)> {
+    fn compute<const D: usize>(&self, tensors: &[Tensor<D>]) -> Option<(Tensor<D>, MeanStats)> {
         let dims = tensors[0].dims();
         let dtype = tensors[0].dtype();
         let n: usize = dims.iter().product();
-        let compute = if dtype == DType::F64 {
-            FloatDType::F64
-        } else {
-            FloatDType::F32
-        };
+        let compute = compute_dtype(dtype).expect("checked before computing");
         let total: f64 = self.weights.iter().sum();
         let (weights, xs): (Vec<f64>, Vec<Tensor<1>>) = self
             .weights
             .iter()
             .zip(tensors)
             .filter(|(w, _)| **w > 0.0)
-            .map(|(w, x)| (*w / total, x.cast(compute).reshape([n])))
+            .map(|(w, x)| (*w / total, x.clone().cast(compute).reshape([n])))
             .unzip();
         let mut stats = MeanStats {
             path: String::new(),
@@ -305,10 +276,10 @@ impl SphericalMean {
             let mut beta = 0.0;
             for (u, w) in units.iter().zip(&weights) {
                 let pair = tensor_stats(m.clone(), u.clone());
-                let Some((cos, theta)) = angle(pair) else {
+                let Some(Angle { cos, theta }) = angle(pair) else {
                     return lerp(LerpReason::ZeroNorm, &stats);
                 };
-                if cos < -(1.0 - ANTIPODAL_MARGIN) {
+                if cos < -(1.0 - ANTIPARALLEL_MARGIN) {
                     return lerp(LerpReason::Antiparallel, &stats);
                 }
                 let alpha = w / sinc(theta);
@@ -338,84 +309,25 @@ impl SphericalMean {
     }
 }
 
-/// Maps the first model into the mean of all of them.
-struct MeanMapper<'a> {
+/// The spherical mean of each float tensor.
+struct MeanCombine<'a> {
     mean: &'a SphericalMean,
-    path: PathStack,
-    originals: Originals,
-    others: Vec<std::collections::HashMap<String, Box<dyn std::any::Any + Send>>>,
-    non_finite: Option<String>,
-    stats: Vec<MeanStats>,
 }
 
-impl ModuleMapper for MeanMapper<'_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name);
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
+impl Combine for MeanCombine<'_> {
+    type Stats = MeanStats;
 
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        if self.non_finite.is_some() {
-            return param;
-        }
-        let path = self.path.current();
-        let mut others = Vec::with_capacity(self.others.len());
-        for map in &mut self.others {
-            match map
-                .remove(&path)
-                .and_then(|t| t.downcast::<Tensor<D>>().ok())
-            {
-                Some(t) => others.push(*t),
-                None => return param,
-            }
-        }
-        let leaf = self.originals.leaves.get(&path).copied();
-        let mean = self.mean;
-        let mut result = None;
-        let param = param.map(|first| {
-            let mut all = vec![first.clone()];
-            all.extend(others);
-            match mean.compute(all) {
-                Some((out, stats)) => {
-                    result = Some(stats);
-                    match leaf {
-                        Some(leaf) => leaf.restore(out),
-                        None => out,
-                    }
-                }
-                None => first,
-            }
-        });
-        match result {
-            Some(mut stats) => {
-                stats.path = path;
-                self.stats.push(stats);
-            }
-            None => self.non_finite = Some(path),
-        }
-        param
-    }
-
-    fn map_int<const D: usize>(
+    fn combine<const D: usize>(
         &mut self,
-        param: Param<Tensor<D, burn::tensor::Int>>,
-    ) -> Param<Tensor<D, burn::tensor::Int>> {
-        self.originals.take_discrete(&self.path.current(), param)
-    }
-
-    fn map_bool<const D: usize>(
-        &mut self,
-        param: Param<Tensor<D, burn::tensor::Bool>>,
-    ) -> Param<Tensor<D, burn::tensor::Bool>> {
-        self.originals.take_discrete(&self.path.current(), param)
-    }
-
-    fn map_flag(&mut self, flag: Param<burn::module::Flag>) -> Param<burn::module::Flag> {
-        self.originals
-            .flags
-            .remove(&self.path.current())
-            .unwrap_or(flag)
+        _path: &str,
+        first: Tensor<D>,
+        others: Vec<Tensor<D>>,
+    ) -> Interpolated<D, MeanStats> {
+        let mut all = vec![first];
+        all.extend(others);
+        match self.mean.compute(&all) {
+            Some((out, stats)) => Interpolated::Done(out, Some(stats)),
+            None => Interpolated::NonFinite(all.swap_remove(0)),
+        }
     }
 }

@@ -1,0 +1,85 @@
+//! What a file merge is asked to do ([`FileMerge`], [`Pairing`], [`OutDType`]) and what it
+//! reports as it goes ([`Progress`]).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::tensor::Device;
+
+use super::error::CheckpointError;
+use crate::config::SlerpConfig;
+
+/// How tensors present in only one input are treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pairing {
+    /// Any tensor missing from either input is an error (the default).
+    #[default]
+    Strict,
+    /// A tensor present in one input only is copied from it.
+    Union,
+    /// Only tensors present in both inputs are written.
+    Intersection,
+}
+
+/// The dtype written for merged float tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutDType {
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+/// Options of [`merge_files`](super::merge_files).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct FileMerge {
+    /// The recipe.
+    pub config: SlerpConfig,
+    /// Where the arithmetic runs.
+    pub device: Device,
+    /// Tensors present in one input only.
+    pub pairing: Pairing,
+    /// Output dtype of merged float tensors; `None`: A's dtype.
+    pub out_dtype: Option<OutDType>,
+    /// Set it (from a signal handler, another thread, …) to stop the merge at the next tensor;
+    /// the merge then fails with [`CheckpointError::Interrupted`] and leaves nothing behind.
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl FileMerge {
+    /// Strict pairing, A's dtypes, no cancellation.
+    pub fn new(config: SlerpConfig, device: Device) -> Self {
+        Self {
+            config,
+            device,
+            pairing: Pairing::Strict,
+            out_dtype: None,
+            cancel: None,
+        }
+    }
+
+    /// [`CheckpointError::Interrupted`] once [`FileMerge::cancel`] is set.
+    pub(super) fn check_cancel(&self) -> Result<(), CheckpointError> {
+        match &self.cancel {
+            Some(cancel) if cancel.load(Ordering::Relaxed) => Err(CheckpointError::Interrupted),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What [`merge_files`](super::merge_files) reports after writing each tensor.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct Progress<'a> {
+    /// The tensor written.
+    pub name: &'a str,
+    /// Its size in bytes.
+    pub bytes: usize,
+    /// Tensors written so far, this one included.
+    pub done: usize,
+    /// Tensors the output will hold: merged and copied alike.
+    pub total: usize,
+}

@@ -1,0 +1,496 @@
+//! The SLERP of one pair of float tensors: the checks, the one routing decision, the
+//! reductions, the coefficients and the combination `c0·a + c1·b`, on the tensors' device. The
+//! formulas and policies are those of the numerics contract ([`crate::numerics`]).
+//!
+//! On the CPU backends and the generic path each tensor's statistics (a few numbers per tensor
+//! or row) are read back as it is merged, and the coefficients are computed in f64 on the host.
+//! On CubeCL devices nothing is read: coefficients are computed on the device and the
+//! statistics stay there ([`Summary::OnDevice`]) until [`read_summaries`] reads those of many
+//! tensors at once.
+
+use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
+
+use crate::config::{Granularity, Method, SlerpConfig};
+use crate::error::MergeError;
+use crate::kernels::{self, Route};
+use crate::numerics::{Coefficients, LerpReason, PairStats, coefficients};
+use crate::reduce;
+use crate::stats::TensorStats;
+
+/// Below this mean square per element, the f32 squares of the CPU kernels may have lost digits
+/// to underflow (|x| < 1.1e-19 squares below f32's normal range): such a tensor's statistics
+/// are recomputed in f64 before they are trusted.
+const UNDERFLOW_MEAN_SQUARE: f64 = 1e-35;
+
+/// Spherical linear interpolation of two float tensors of one shape.
+///
+/// `t = 0` returns `a` and `t = 1` returns `b`, bit for bit; in between, the result moves along
+/// the great circle between the two, with the norm interpolated linearly. The reductions and
+/// coefficients follow the crate's numerics contract on every backend, and the result stays on
+/// the tensors' device. On an autodiff device the result is a fresh leaf (no graph back to `a`
+/// or `b`) with `a`'s require-grad setting.
+///
+/// # Arguments
+///
+/// * `a`, `b` - the two tensors; same shape, same device (autodiff or not).
+/// * `config` - interpolation factor, granularity, method and thresholds.
+///
+/// # Returns
+///
+/// The interpolated tensor, in `a`'s dtype (f16 and bf16 are computed in f32 and rounded once).
+///
+/// # Errors
+///
+/// [`MergeError::InvalidT`] or [`MergeError::InvalidConfig`] for an invalid `config`,
+/// [`MergeError::ShapeMismatch`], [`MergeError::DeviceMismatch`],
+/// [`MergeError::UnsupportedDType`] for quantized tensors, and [`MergeError::NonFinite`] when
+/// either tensor holds a NaN or an infinity (the `path` of each is empty).
+///
+/// # Example
+///
+/// ```
+/// use burn::tensor::{Device, Tensor};
+/// use burn_slerp::{SlerpConfig, slerp};
+///
+/// let device = Device::flex();
+/// let a = Tensor::<1>::from_floats([1.0, 0.0], &device);
+/// let b = Tensor::<1>::from_floats([0.0, 1.0], &device);
+/// let mid = slerp(a, b, &SlerpConfig::new(0.5))?;
+/// let half = std::f32::consts::FRAC_1_SQRT_2;
+/// mid.into_data().assert_approx_eq::<f32>(
+///     &burn::tensor::TensorData::from([half, half]),
+///     burn::tensor::Tolerance::absolute(1e-6),
+/// );
+/// # Ok::<(), burn_slerp::MergeError>(())
+/// ```
+pub fn slerp<const D: usize>(
+    a: Tensor<D>,
+    b: Tensor<D>,
+    config: &SlerpConfig,
+) -> Result<Tensor<D>, MergeError> {
+    slerp_with(a, b, config, KernelChoice::Fused).map(|(out, _)| out)
+}
+
+/// [`slerp`] on the generic tensor-op path only, bypassing the fused kernels: the reference the
+/// tests hold the kernels to.
+#[doc(hidden)]
+pub fn slerp_generic<const D: usize>(
+    a: Tensor<D>,
+    b: Tensor<D>,
+    config: &SlerpConfig,
+) -> Result<Tensor<D>, MergeError> {
+    slerp_with(a, b, config, KernelChoice::GenericOnly).map(|(out, _)| out)
+}
+
+/// [`slerp`] that also returns the statistics of the pair (`None` at `t = 0` and `t = 1`).
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
+pub(crate) fn slerp_with_stats<const D: usize>(
+    a: Tensor<D>,
+    b: Tensor<D>,
+    config: &SlerpConfig,
+) -> Result<(Tensor<D>, Option<TensorStats>), MergeError> {
+    slerp_with(a, b, config, KernelChoice::Fused)
+}
+
+fn slerp_with<const D: usize>(
+    a: Tensor<D>,
+    b: Tensor<D>,
+    config: &SlerpConfig,
+    choice: KernelChoice,
+) -> Result<(Tensor<D>, Option<TensorStats>), MergeError> {
+    config.validate()?;
+    check_pair("", &TensorInfo::of(&a), &TensorInfo::of(&b))?;
+    let autodiff = AutodiffState::of(&a);
+    let non_finite = || MergeError::NonFinite {
+        path: String::new(),
+    };
+    let Interpolated::Done(out, summary) = interpolate(a.inner(), b.inner(), config, choice) else {
+        return Err(non_finite());
+    };
+    let stats = match summary {
+        Some(summary) => Some(
+            read_summaries(vec![summary])
+                .remove(0)
+                .ok_or_else(non_finite)?,
+        ),
+        None => None,
+    };
+    Ok((autodiff.restore(out), stats))
+}
+
+/// What the pair checks need to know of one tensor. Nothing is initialised to learn it: the
+/// dtype of a lazy parameter is unknown, and only float tensors' devices and dtypes are checked
+/// (`None` for int and bool tensors, which are copied from `a`).
+#[derive(Debug, Clone)]
+pub(crate) struct TensorInfo {
+    pub(crate) shape: Vec<usize>,
+    pub(crate) device: Option<Device>,
+    pub(crate) dtype: Option<DType>,
+}
+
+impl TensorInfo {
+    pub(crate) fn of<const D: usize>(tensor: &Tensor<D>) -> Self {
+        Self {
+            shape: tensor.dims().to_vec(),
+            device: Some(tensor.device()),
+            dtype: Some(tensor.dtype()),
+        }
+    }
+}
+
+/// Every check of a pair of float tensors that needs no data: one shape (shapes that would
+/// broadcast are a mismatch too), one device (with or without autodiff), dtypes that can be
+/// computed in. Errors name `path`.
+pub(crate) fn check_pair(path: &str, a: &TensorInfo, b: &TensorInfo) -> Result<(), MergeError> {
+    if a.shape != b.shape {
+        return Err(MergeError::ShapeMismatch {
+            path: path.to_string(),
+            a: a.shape.clone(),
+            b: b.shape.clone(),
+        });
+    }
+    if let (Some(da), Some(db)) = (&a.device, &b.device)
+        && da.clone().inner() != db.clone().inner()
+    {
+        return Err(MergeError::DeviceMismatch {
+            path: path.to_string(),
+            a: Box::new(da.clone()),
+            b: Box::new(db.clone()),
+        });
+    }
+    for dtype in [a.dtype, b.dtype].into_iter().flatten() {
+        compute_dtype(dtype).ok_or_else(|| MergeError::UnsupportedDType {
+            path: path.to_string(),
+            dtype: format!("{dtype:?}"),
+        })?;
+    }
+    Ok(())
+}
+
+/// The dtype a float tensor is computed in: f64 tensors in f64; f32, f16 and bf16 in f32 (the
+/// result is rounded once to the tensor's dtype). `None` for dtypes that cannot be computed in
+/// (quantized tensors).
+pub(crate) fn compute_dtype(dtype: DType) -> Option<FloatDType> {
+    match dtype {
+        DType::F64 => Some(FloatDType::F64),
+        DType::F32 | DType::Flex32 | DType::F16 | DType::BF16 => Some(FloatDType::F32),
+        _ => None,
+    }
+}
+
+/// The autodiff state of `a`'s tensor, to give back to the merged result.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AutodiffState {
+    autodiff: bool,
+    require_grad: bool,
+}
+
+impl AutodiffState {
+    pub(crate) fn of<const D: usize>(tensor: &Tensor<D>) -> Self {
+        Self {
+            autodiff: tensor.is_autodiff(),
+            require_grad: tensor.is_require_grad(),
+        }
+    }
+
+    /// Puts a result computed on the inner device back on `a`'s autodiff device as a fresh leaf.
+    pub(crate) fn restore<const D: usize>(self, tensor: Tensor<D>) -> Tensor<D> {
+        if self.autodiff {
+            tensor.autodiff().set_require_grad(self.require_grad)
+        } else {
+            tensor
+        }
+    }
+}
+
+/// Which implementations [`interpolate`] may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KernelChoice {
+    /// The fused kernels where the device has them ([`kernels::route`]), the generic tensor ops
+    /// elsewhere.
+    Fused,
+    /// The generic tensor ops everywhere.
+    GenericOnly,
+}
+
+/// What [`interpolate`] knows about a tensor it merged.
+pub(crate) enum Summary {
+    /// The statistics, already on the host (and finite).
+    Ready(TensorStats),
+    /// Statistics still on the device; [`read_summaries`] reads them, many tensors at once.
+    #[cfg(feature = "wgpu")]
+    OnDevice(DeviceStats),
+}
+
+/// The device-side statistics of one merged tensor, not read back yet.
+#[cfg(feature = "wgpu")]
+pub(crate) struct DeviceStats {
+    /// `[rows, 8]` f32, as the CubeCL kernels write it.
+    prepared: Tensor<2>,
+    numel: usize,
+    t: f64,
+    per_row: bool,
+}
+
+/// The statistics of many merged tensors, in order, with one host read per device for those
+/// still on a device; `None` for a tensor whose inputs held a NaN or an infinity.
+pub(crate) fn read_summaries(summaries: Vec<Summary>) -> Vec<Option<TensorStats>> {
+    #[cfg(feature = "wgpu")]
+    {
+        let mut out: Vec<Option<TensorStats>> = Vec::with_capacity(summaries.len());
+        let mut on_device: Vec<(usize, DeviceStats)> = Vec::new();
+        for summary in summaries {
+            match summary {
+                Summary::Ready(stats) => out.push(Some(stats)),
+                Summary::OnDevice(stats) => {
+                    on_device.push((out.len(), stats));
+                    out.push(None);
+                }
+            }
+        }
+        while let Some((_, first)) = on_device.first() {
+            let device = first.prepared.device();
+            let (group, rest): (Vec<_>, Vec<_>) = on_device
+                .into_iter()
+                .partition(|(_, s)| s.prepared.device() == device);
+            on_device = rest;
+            let rows: Vec<usize> = group.iter().map(|(_, s)| s.prepared.dims()[0]).collect();
+            let all = Tensor::cat(group.iter().map(|(_, s)| s.prepared.clone()).collect(), 0);
+            // The one host read: 8 f32 per row of every tensor on this device.
+            let values: Vec<f32> = all.into_data().iter::<f32>().collect();
+            let width = kernels::cubecl::WIDTH;
+            let mut offset = 0;
+            for ((index, s), rows) in group.into_iter().zip(rows) {
+                let decoded = kernels::cubecl::decode(&values[offset..offset + rows * width]);
+                offset += rows * width;
+                if decoded.iter().all(|(stats, _)| stats.is_finite()) {
+                    let (stats, coeffs): (Vec<_>, Vec<_>) = decoded.into_iter().unzip();
+                    out[index] = Some(TensorStats::new(s.numel, s.t, &stats, &coeffs, s.per_row));
+                }
+            }
+        }
+        out
+    }
+    #[cfg(not(feature = "wgpu"))]
+    summaries
+        .into_iter()
+        .map(|Summary::Ready(stats)| Some(stats))
+        .collect()
+}
+
+/// How a tensor of `dims` is split for the configuration's granularity and method.
+#[derive(Debug, Clone, Copy)]
+struct Split {
+    /// Number of vectors interpolated on their own: the rows, or 1 for the whole tensor.
+    vectors: usize,
+    /// Row granularity with one-element rows: exactly lerp, like the lerp method.
+    lerp_only: bool,
+    /// One angle per row.
+    per_row: bool,
+}
+
+impl Split {
+    fn of(dims: &[usize], config: &SlerpConfig) -> Self {
+        let n: usize = dims.iter().product();
+        let rows = dims[0];
+        let row_mode = config.granularity == Granularity::Row;
+        // Both lerp forms need the statistics only for the finiteness check, and one
+        // tensor-wide reduction serves it. A single row is the whole tensor.
+        let per_row = row_mode && config.method == Method::Slerp && rows > 1 && n / rows > 1;
+        Self {
+            vectors: if per_row { rows } else { 1 },
+            lerp_only: config.method == Method::Lerp || (row_mode && n / rows == 1),
+            per_row,
+        }
+    }
+}
+
+/// What [`interpolate`] (and every per-tensor combination of the module walk) gives back.
+pub(crate) enum Interpolated<const D: usize, S = Summary> {
+    /// The result, and what was learnt of the pair (nothing at `t = 0` and `t = 1`).
+    Done(Tensor<D>, Option<S>),
+    /// An input held a NaN or an infinity: a tensor of `a`'s shape and dtype handed back, so
+    /// that nothing needs a copy of `a` kept aside for this case.
+    NonFinite(Tensor<D>),
+}
+
+/// Interpolates two tensors that are known to have the same shape and device and no autodiff,
+/// taking both by value (no copy of either is kept while the result is written).
+///
+/// `t = 0` and `t = 1` return an input unchanged. Returns [`Interpolated::NonFinite`] when
+/// either holds a NaN or an infinity; on CubeCL devices that is found only when the statistics
+/// are read ([`read_summaries`]).
+pub(crate) fn interpolate<const D: usize>(
+    a: Tensor<D>,
+    b: Tensor<D>,
+    config: &SlerpConfig,
+    choice: KernelChoice,
+) -> Interpolated<D> {
+    if let Some(input) = endpoint(&a, &b, config.t) {
+        return Interpolated::Done(input, None);
+    }
+    let out_dtype = a.dtype();
+    let dims = a.dims();
+    let n: usize = dims.iter().product();
+    if n == 0 {
+        return Interpolated::Done(a, None);
+    }
+    let split = Split::of(&dims, config);
+    let compute = compute_dtype(out_dtype).expect("checked before interpolating");
+    let (a, b) = (a.cast(compute), b.cast(compute));
+    // The one routing decision, on the tensors as they are computed.
+    let route = match choice {
+        KernelChoice::Fused => kernels::route(&a, &b),
+        KernelChoice::GenericOnly => Route::Generic,
+    };
+    let rows = split.vectors;
+    let cols = n / rows;
+    let stats = match route {
+        #[cfg(feature = "wgpu")]
+        Route::Cube => {
+            let params = kernels::cubecl::DeviceParams {
+                t: config.t,
+                eps: config.eps,
+                dot_threshold: config.dot_threshold,
+                lerp_only: split.lerp_only,
+            };
+            let prepared = kernels::cubecl::prepare(a.clone(), b.clone(), rows, params);
+            let out = kernels::cubecl::apply(a, b, prepared.clone()).cast(out_dtype);
+            let stats = DeviceStats {
+                prepared,
+                numel: n,
+                t: config.t,
+                per_row: split.per_row,
+            };
+            return Interpolated::Done(out, Some(Summary::OnDevice(stats)));
+        }
+        Route::Cpu => {
+            let fused = PairStats::triples(&kernels::cpu::stats(a.clone(), b.clone(), rows));
+            // The kernel's f32 lanes overflow for |x| > 1.8e19 and lose digits below 1e-19:
+            // the f64 path decides those tensors.
+            let trusted = |s: &PairStats| {
+                let floor = UNDERFLOW_MEAN_SQUARE * cols as f64;
+                s.is_finite() && s.aa >= floor && s.bb >= floor
+            };
+            if fused.iter().all(trusted) {
+                fused
+            } else {
+                generic_stats(&a, &b, rows)
+            }
+        }
+        Route::Generic => generic_stats(&a, &b, rows),
+    };
+    let mut coeffs = Vec::with_capacity(rows);
+    for s in &stats {
+        match coefficients(*s, config) {
+            // The statistics served the finiteness check only.
+            Some(_) if split.lerp_only => {
+                coeffs.push(Coefficients::lerp(config.t, LerpReason::Method));
+            }
+            Some(c) => coeffs.push(c),
+            None => return Interpolated::NonFinite(a.cast(out_dtype)),
+        }
+    }
+    let summary = TensorStats::new(n, config.t, &stats, &coeffs, split.per_row);
+    let out = if route == Route::Cpu {
+        let flat = coeffs
+            .iter()
+            .flat_map(|c| [c.c0 as f32, c.c1 as f32])
+            .collect();
+        kernels::cpu::combine(a, b, flat)
+    } else {
+        generic_combine(a, b, &coeffs, compute)
+    };
+    Interpolated::Done(out.cast(out_dtype), Some(Summary::Ready(summary)))
+}
+
+/// The merge at `t = 0` or `t = 1`: `a`, or `b` in `a`'s dtype, as they are (the formula
+/// would turn −0.0 into +0.0, and nothing is checked for finiteness); `None` in between.
+pub(crate) fn endpoint<const D: usize>(a: &Tensor<D>, b: &Tensor<D>, t: f64) -> Option<Tensor<D>> {
+    if t == 0.0 {
+        Some(a.clone())
+    } else if t == 1.0 {
+        Some(b.clone().cast(a.dtype()))
+    } else {
+        None
+    }
+}
+
+/// The statistics of `rows` equal rows (1: the whole tensor) on the generic path.
+fn generic_stats<const D: usize>(a: &Tensor<D>, b: &Tensor<D>, rows: usize) -> Vec<PairStats> {
+    let n = a.shape().num_elements();
+    if rows > 1 {
+        let shape = [rows, n / rows];
+        reduce::row_stats(a.clone().reshape(shape), b.clone().reshape(shape))
+    } else {
+        vec![reduce::tensor_stats(
+            a.clone().reshape([n]),
+            b.clone().reshape([n]),
+        )]
+    }
+}
+
+/// `c0·a + c1·b` with Burn's tensor ops: scalars for one vector, `[rows, 1]` columns in the
+/// compute dtype for many.
+fn generic_combine<const D: usize>(
+    a: Tensor<D>,
+    b: Tensor<D>,
+    coeffs: &[Coefficients],
+    compute: FloatDType,
+) -> Tensor<D> {
+    if let [c] = coeffs {
+        return a.mul_scalar(c.c0).add(b.mul_scalar(c.c1));
+    }
+    let dims = a.dims();
+    let rows = coeffs.len();
+    let n: usize = dims.iter().product();
+    let device = a.device();
+    // Built in the dtype they multiply, not the device's default float dtype.
+    let column = |values: Vec<f64>| -> Tensor<2> {
+        Tensor::from_data(
+            TensorData::new(values, [rows, 1]),
+            (&device, compute.into()),
+        )
+    };
+    let c0 = column(coeffs.iter().map(|c| c.c0).collect());
+    let c1 = column(coeffs.iter().map(|c| c.c1).collect());
+    let (a2, b2): (Tensor<2>, Tensor<2>) =
+        (a.reshape([rows, n / rows]), b.reshape([rows, n / rows]));
+    a2.mul(c0).add(b2.mul(c1)).reshape(dims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantized_tensors_are_refused_by_name() {
+        let scheme = burn::tensor::quantization::QuantScheme::default();
+        let info = |dtype| TensorInfo {
+            shape: vec![4, 2],
+            device: None,
+            dtype: Some(dtype),
+        };
+        let err =
+            check_pair("fc.weight", &info(DType::F32), &info(DType::QFloat(scheme))).unwrap_err();
+        assert!(
+            matches!(&err, MergeError::UnsupportedDType { path, dtype } if path == "fc.weight" && dtype.starts_with("QFloat")),
+            "{err}"
+        );
+        assert!(check_pair("w", &info(DType::BF16), &info(DType::F64)).is_ok());
+    }
+
+    /// The free function on a tensor quantized by Burn itself.
+    #[cfg(feature = "flex")]
+    #[test]
+    fn slerp_refuses_a_quantized_tensor() {
+        let device = Device::flex();
+        let scheme = burn::tensor::quantization::QuantScheme::default();
+        let a = Tensor::<1>::from_floats([1.0, 2.0, 3.0, 4.0], &device);
+        let q = a.clone().quantize_dynamic(&scheme);
+        assert!(matches!(q.dtype(), DType::QFloat(_)));
+        let err = slerp(a, q, &SlerpConfig::new(0.5)).unwrap_err();
+        assert!(matches!(err, MergeError::UnsupportedDType { .. }), "{err}");
+        assert!(err.to_string().contains("dequantize it first"), "{err}");
+    }
+}

@@ -1,0 +1,59 @@
+//! The fused kernels, through Burn's backend-extension mechanism: [`cpu`] for flex and ndarray,
+//! [`cubecl`] for the CubeCL devices (wgpu, and with it CUDA, ROCm and Metal). They know tensors
+//! and the numerics contract, never modules or parameter paths.
+//!
+//! [`route`] decides, once per pair and before anything is dispatched (the generated dispatch
+//! panics on a backend it does not list), which of them a pair of tensors takes.
+
+use burn::tensor::{DType, Device, Tensor};
+
+pub(crate) mod cpu;
+#[cfg(feature = "wgpu")]
+pub(crate) mod cubecl;
+
+/// The implementation a pair of tensors is merged with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// [`cpu`]: reductions read back per tensor, coefficients on the host, fused combine.
+    Cpu,
+    /// [`cubecl`]: statistics, coefficients and combine on the device, nothing read back.
+    #[cfg(feature = "wgpu")]
+    Cube,
+    /// Burn's tensor ops ([`crate::reduce`] and a generic combine), on any device.
+    Generic,
+}
+
+/// Whether the device is one of the CPU backends this crate has kernels for (flex, ndarray),
+/// without autodiff.
+pub(crate) fn is_cpu(device: &Device) -> bool {
+    use burn::backend::DispatchDevice;
+    #[allow(unreachable_patterns)] // with ndarray as the only backend, nothing else is left
+    match device.as_dispatch() {
+        #[cfg(feature = "flex")]
+        DispatchDevice::Flex(_) => true,
+        #[cfg(feature = "ndarray")]
+        DispatchDevice::NdArray(_) => true,
+        _ => false,
+    }
+}
+
+/// The route of a pair of tensors of one shape and device, without autodiff, as they are
+/// computed: f32 pairs take the kernels of their device where it has them, everything else
+/// (f64, devices of other backends) the generic path.
+pub(crate) fn route<const D: usize>(a: &Tensor<D>, b: &Tensor<D>) -> Route {
+    if a.dtype() != DType::F32 || b.dtype() != DType::F32 {
+        return Route::Generic;
+    }
+    let device = a.device();
+    if is_cpu(&device) {
+        return Route::Cpu;
+    }
+    #[cfg(feature = "wgpu")]
+    {
+        use burn::backend::DispatchDevice;
+        if matches!(device.as_dispatch(), DispatchDevice::Cube(_)) {
+            return Route::Cube;
+        }
+    }
+    Route::Generic
+}
