@@ -246,21 +246,11 @@ fn s(p: &Path) -> &str {
 fn in_memory(dtype: Dtype, shape: &[usize], a: &[u8], b: &[u8], config: &SlerpConfig) -> Vec<u8> {
     let device = Device::flex();
     let load = |bytes: &[u8]| -> Tensor<2> {
-        let values: Vec<f32> = match dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes(c.try_into().unwrap()).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes(c.try_into().unwrap()).to_f32())
-                .collect(),
-            other => panic!("{other:?}"),
-        };
+        // f32, f16 and bf16 values are all exact in f32.
+        let values: Vec<f32> = decode(burn_dtype(dtype), bytes)
+            .into_iter()
+            .map(|v| v as f32)
+            .collect();
         let rows = if shape.len() >= 2 { shape[0] } else { 1 };
         let n = values.len();
         let t = Tensor::<2>::from_data(TensorData::new(values, [rows, n / rows]), &device);

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use burn::store::burn_pack::{self, Bytes, Writer};
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use safetensors::tensor::{Dtype, View};
 
 use super::convert::{convert, encode, label, to_f32, to_f64, to_safetensors};
@@ -35,11 +35,17 @@ struct Writing {
     options: FileMerge,
     /// The statistics of each merged tensor, with its index in the output's order.
     stats: Mutex<Vec<(usize, TensorStats)>>,
-    progress: Mutex<(OnProgress, usize)>,
+    progress: Mutex<Counter>,
     /// Tensors the output holds.
     total: usize,
     /// The first error, kept for writers that cannot return one.
     error: Mutex<Option<CheckpointError>>,
+}
+
+/// The progress callback and the tensors written so far.
+struct Counter {
+    report: OnProgress,
+    done: usize,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -59,7 +65,10 @@ impl Writing {
             b,
             options,
             stats: Mutex::new(Vec::new()),
-            progress: Mutex::new((progress, 0)),
+            progress: Mutex::new(Counter {
+                report: progress,
+                done: 0,
+            }),
             total,
             error: Mutex::new(None),
         }
@@ -82,13 +91,13 @@ impl Writing {
     }
 
     fn done(&self, name: &str, bytes: usize) {
-        let mut progress = lock(&self.progress);
-        let (report, done) = &mut *progress;
-        *done += 1;
-        report(Progress {
+        let mut counter = lock(&self.progress);
+        counter.done += 1;
+        let done = counter.done;
+        (counter.report)(Progress {
             name,
             bytes,
-            done: *done,
+            done,
             total: self.total,
         });
     }
@@ -117,7 +126,7 @@ impl Writing {
             let dtype = from.entry(name).and_then(|e| e.dtype).expect("planned");
             let bytes = from.bytes(name)?;
             let values = match compute {
-                burn::tensor::FloatDType::F64 => TensorData::new(to_f64(dtype, &bytes), [n]),
+                FloatDType::F64 => TensorData::new(to_f64(dtype, &bytes), [n]),
                 _ => TensorData::new(to_f32(dtype, &bytes), [n]),
             };
             Ok(Tensor::from_data(values, (device, compute.into())))
