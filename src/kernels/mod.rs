@@ -26,13 +26,12 @@ pub(crate) enum Route {
 /// Whether the device is one of the CPU backends this crate has kernels for (flex, ndarray),
 /// without autodiff.
 pub(crate) fn is_cpu(device: &Device) -> bool {
-    use burn::backend::DispatchDevice;
     #[allow(unreachable_patterns)] // with ndarray as the only backend, nothing else is left
     match device.as_dispatch() {
         #[cfg(feature = "flex")]
-        DispatchDevice::Flex(_) => true,
+        burn::backend::DispatchDevice::Flex(_) => true,
         #[cfg(feature = "ndarray")]
-        DispatchDevice::NdArray(_) => true,
+        burn::backend::DispatchDevice::NdArray(_) => true,
         _ => false,
     }
 }
