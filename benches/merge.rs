@@ -6,7 +6,9 @@
 //! `merge_s` (median), `bound_s` (20 bytes per parameter ÷ triad bandwidth: the two-pass
 //! scheme reads `a` and `b` twice and writes the output once) and `ratio = merge_s / bound_s`.
 //! For the whole-model merge on the CPU backends it also prints the peak memory the merge adds
-//! (`VmHWM` after the merge minus `VmRSS` before it, with the peak reset just before).
+//! (`VmHWM` after the merge minus `VmRSS` before it, with the peak reset just before), and the
+//! time of a plain two-pass SLERP over the same shapes writing into preallocated outputs, the
+//! floor a merge that needs no fresh memory can reach.
 //!
 //! Usage: cargo bench --bench merge [--features ndarray,wgpu]
 
@@ -19,6 +21,7 @@ use burn::tensor::{Device, Distribution, Tensor};
 use burn_slerp::{SlerpConfig, SlerpMerger, slerp};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rayon::prelude::*;
+use wide::f32x8;
 
 #[derive(Module, Debug)]
 struct Block {
@@ -140,6 +143,77 @@ fn summary(case: &str, backend: &str, params: usize, merge_s: f64) {
     );
 }
 
+/// Every float parameter of `module` as host values, in visiting order.
+fn host_tensors<M: Module>(module: &M) -> Vec<Vec<f32>> {
+    struct Collect(Vec<Vec<f32>>);
+    impl ModuleVisitor for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.push(param.val().into_data().iter::<f32>().collect());
+        }
+    }
+    let mut collect = Collect(Vec::new());
+    module.visit(&mut collect);
+    collect.0
+}
+
+/// The floor a merge of these tensors can be held to: a plain two-pass SLERP in Rust over host
+/// buffers, on both cores, writing into outputs allocated (and touched) beforehand. Pass one
+/// sums `a²`, `b²`, `a·b` per chunk in eight f32 lanes and adds the chunks in f64 (less
+/// accurate than the crate's kernels, which flush to f64 every 512 elements, and so no
+/// slower); the coefficients come
+/// from the angle on the host; pass two writes `c0·a + c1·b` into the existing output.
+fn reference_two_pass(a: &[Vec<f32>], b: &[Vec<f32>], out: &mut [Vec<f32>], t: f64) {
+    const CHUNK: usize = 1 << 16;
+    for ((a, b), out) in a.iter().zip(b).zip(out.iter_mut()) {
+        let (aa, bb, ab) = a
+            .par_chunks(CHUNK)
+            .zip(b.par_chunks(CHUNK))
+            .map(|(x, y)| {
+                // Eight lanes, as any vectorised C loop would sum.
+                let (mut aa, mut bb, mut ab) = (f32x8::ZERO, f32x8::ZERO, f32x8::ZERO);
+                let (xs, x_tail) = x.as_chunks::<8>();
+                let (ys, y_tail) = y.as_chunks::<8>();
+                for (x, y) in xs.iter().zip(ys) {
+                    let (x, y) = (f32x8::from(*x), f32x8::from(*y));
+                    aa = x.mul_add(x, aa);
+                    bb = y.mul_add(y, bb);
+                    ab = x.mul_add(y, ab);
+                }
+                let tail: (f32, f32, f32) = x_tail
+                    .iter()
+                    .zip(y_tail)
+                    .fold((0.0, 0.0, 0.0), |s, (x, y)| {
+                        (s.0 + x * x, s.1 + y * y, s.2 + x * y)
+                    });
+                (
+                    (aa.reduce_add() + tail.0) as f64,
+                    (bb.reduce_add() + tail.1) as f64,
+                    (ab.reduce_add() + tail.2) as f64,
+                )
+            })
+            .reduce(|| (0.0, 0.0, 0.0), |p, q| (p.0 + q.0, p.1 + q.1, p.2 + q.2));
+        let cos = (ab / (aa.sqrt() * bb.sqrt())).clamp(-1.0, 1.0);
+        let theta = cos.acos();
+        let (c0, c1) = if theta < 1e-6 {
+            (1.0 - t, t)
+        } else {
+            (
+                ((1.0 - t) * theta).sin() / theta.sin(),
+                (t * theta).sin() / theta.sin(),
+            )
+        };
+        let (c0, c1) = (c0 as f32, c1 as f32);
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK))
+            .zip(b.par_chunks(CHUNK))
+            .for_each(|((o, x), y)| {
+                for ((o, x), y) in o.iter_mut().zip(x).zip(y) {
+                    *o = c0 * x + c1 * y;
+                }
+            });
+    }
+}
+
 /// `(VmRSS, VmHWM)` of this process in bytes, after resetting the peak when asked.
 fn memory(reset_peak: bool) -> Option<(u64, u64)> {
     if reset_peak {
@@ -192,6 +266,20 @@ fn bench_merge(c: &mut Criterion) {
         group.finish();
         let merge_s = median_s(&device, 7, || merger.merge(&a, &b).unwrap());
         summary("gpt2_small", name, params as usize, merge_s);
+        if name != "wgpu" {
+            // The floor on the same shapes and values, in the same run.
+            let (ha, hb) = (host_tensors(&a), host_tensors(&b));
+            let mut out: Vec<Vec<f32>> = ha.iter().map(|t| vec![0.0; t.len()]).collect();
+            let reference_s = median_s(&device, 7, || {
+                reference_two_pass(&ha, &hb, &mut out, 0.5);
+                black_box(&out);
+            });
+            println!(
+                "reference gpt2_small {name}: two-pass into preallocated outputs {reference_s:.4} s; \
+                 merge / reference {:.2}",
+                merge_s / reference_s
+            );
+        }
         drop((a, b));
 
         let n = 4096;
