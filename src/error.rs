@@ -5,7 +5,8 @@ use burn::tensor::Device;
 /// Why a merge (or a single [`slerp`](crate::slerp)) was refused.
 ///
 /// Every variant is returned before anything is computed, except [`MergeError::NonFinite`],
-/// which needs the data: then the partly built output is dropped and the inputs are untouched.
+/// which needs the data, and [`MergeError::Cancelled`]: then the partly built output is dropped
+/// and the inputs are untouched.
 /// `path` is the dotted module path of the parameter (`encoder.layers.2.weight`); for the free
 /// function [`slerp`](crate::slerp) it is empty.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -130,6 +131,84 @@ pub enum MergeError {
         /// The data type, as Burn prints it.
         dtype: String,
     },
+
+    /// The merge was cancelled through its [`MergeControl`](crate::MergeControl) before it
+    /// finished (before its first write, for a consuming merge).
+    #[error("the merge was cancelled")]
+    Cancelled,
+}
+
+/// The error of a merge that consumed its first model
+/// ([`SlerpMerger::merge_into`](crate::SlerpMerger::merge_into) and its kin), with that model
+/// handed back untouched, as [`String::from_utf8`]'s error hands back its bytes.
+///
+/// Every error of a consuming merge is found before its first write, so the model comes back
+/// exactly as it was given. It converts into the [`MergeError`] alone with `?`.
+///
+/// # Example
+///
+/// ```
+/// use burn::nn::LinearConfig;
+/// use burn_slerp::{MergeError, SlerpConfig, SlerpMerger};
+/// # let device = burn::tensor::Device::flex();
+/// let a = LinearConfig::new(4, 2).init(&device);
+/// let b = LinearConfig::new(4, 3).init(&device);
+/// let err = SlerpMerger::new(SlerpConfig::new(0.5))?.merge_into(a, &b).unwrap_err();
+/// assert!(matches!(err.error(), MergeError::ShapeMismatch { .. }));
+/// let a = err.into_model(); // the model, as it was
+/// # let _ = a;
+/// # Ok::<(), MergeError>(())
+/// ```
+pub struct MergeIntoError<M> {
+    error: MergeError,
+    model: M,
+}
+
+impl<M> MergeIntoError<M> {
+    pub(crate) fn new(error: MergeError, model: M) -> Self {
+        Self { error, model }
+    }
+
+    /// Why the merge was refused.
+    pub fn error(&self) -> &MergeError {
+        &self.error
+    }
+
+    /// The model the merge consumed, untouched.
+    pub fn into_model(self) -> M {
+        self.model
+    }
+
+    /// The error and the model.
+    pub fn into_parts(self) -> (MergeError, M) {
+        (self.error, self.model)
+    }
+}
+
+impl<M> std::fmt::Debug for MergeIntoError<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MergeIntoError")
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M> std::fmt::Display for MergeIntoError<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl<M> std::error::Error for MergeIntoError<M> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl<M> From<MergeIntoError<M>> for MergeError {
+    fn from(e: MergeIntoError<M>) -> Self {
+        e.error
+    }
 }
 
 /// How a path is named in messages: `parameter `a.b``, or `the tensor` for the free function.

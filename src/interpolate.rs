@@ -315,7 +315,8 @@ pub(crate) enum Interpolated<const D: usize, S = Summary> {
 }
 
 /// Interpolates two tensors that are known to have the same shape and device and no autodiff,
-/// taking both by value (no copy of either is kept while the result is written).
+/// taking both by value (no copy of either is kept while the result is written, so that a
+/// combine on the CPU or CubeCL kernels writes over `a` when nothing else holds it).
 ///
 /// `t = 0` and `t = 1` return an input unchanged. Returns [`Interpolated::NonFinite`] when
 /// either holds a NaN or an infinity; on CubeCL devices that is found only when the statistics
@@ -329,23 +330,83 @@ pub(crate) fn interpolate<const D: usize>(
     if let Some(input) = endpoint(&a, &b, config.t) {
         return Interpolated::Done(input, None);
     }
-    let out_dtype = a.dtype();
+    let pair = Pair::new(a, b, choice);
+    match prepare(&pair, config) {
+        Some((prepared, summary)) => Interpolated::Done(apply(pair, prepared), summary),
+        None => Interpolated::NonFinite(pair.a.cast(pair.out_dtype)),
+    }
+}
+
+/// Two tensors of one shape and device, without autodiff, as they are computed (f16 and bf16
+/// widened to f32 unless the CPU kernels read them as they are), with their route.
+pub(crate) struct Pair<const D: usize> {
+    a: Tensor<D>,
+    b: Tensor<D>,
+    route: Route,
+    out_dtype: DType,
+}
+
+impl<const D: usize> Pair<D> {
+    /// Casts to the compute dtype where needed and takes the one routing decision.
+    pub(crate) fn new(a: Tensor<D>, b: Tensor<D>, choice: KernelChoice) -> Self {
+        let out_dtype = a.dtype();
+        if choice == KernelChoice::Fused && kernels::takes_half(&a, &b) {
+            return Self {
+                a,
+                b,
+                route: Route::Cpu,
+                out_dtype,
+            };
+        }
+        let compute = compute_dtype(out_dtype).expect("checked before interpolating");
+        let (a, b) = (a.cast(compute), b.cast(compute));
+        // The one routing decision, on the tensors as they are computed.
+        let route = match choice {
+            KernelChoice::Fused => kernels::route(&a, &b),
+            KernelChoice::GenericOnly => Route::Generic,
+        };
+        Self {
+            a,
+            b,
+            route,
+            out_dtype,
+        }
+    }
+}
+
+/// What the statistics pass of a pair leaves for the combine: everything but the tensors.
+pub(crate) enum Prepared {
+    /// An empty tensor: the result is `a` as it is.
+    Empty,
+    /// One `(c0, c1)` per row, computed on the host.
+    Host(Vec<Coefficients>),
+    /// The `[rows, 8]` buffer the CubeCL combine reads its coefficients from.
+    #[cfg(feature = "wgpu")]
+    Device(Tensor<2>),
+}
+
+/// The statistics pass of one pair strictly between the endpoints (callers take `t = 0` and
+/// `t = 1` from [`endpoint`]): reductions and coefficients, nothing written. `None` when an
+/// input holds a NaN or an infinity (on CubeCL devices that shows only in the summary, when it
+/// is read).
+pub(crate) fn prepare<const D: usize>(
+    pair: &Pair<D>,
+    config: &SlerpConfig,
+) -> Option<(Prepared, Option<Summary>)> {
+    debug_assert!(
+        config.t > 0.0 && config.t < 1.0,
+        "endpoints are not prepared"
+    );
+    let (a, b) = (&pair.a, &pair.b);
     let dims = a.dims();
     let n: usize = dims.iter().product();
     if n == 0 {
-        return Interpolated::Done(a, None);
+        return Some((Prepared::Empty, None));
     }
     let split = Split::of(&dims, config);
-    let compute = compute_dtype(out_dtype).expect("checked before interpolating");
-    let (a, b) = (a.cast(compute), b.cast(compute));
-    // The one routing decision, on the tensors as they are computed.
-    let route = match choice {
-        KernelChoice::Fused => kernels::route(&a, &b),
-        KernelChoice::GenericOnly => Route::Generic,
-    };
     let rows = split.vectors;
     let cols = n / rows;
-    let stats = match route {
+    let stats = match pair.route {
         #[cfg(feature = "wgpu")]
         Route::Cube => {
             let params = kernels::cubecl::DeviceParams {
@@ -355,14 +416,13 @@ pub(crate) fn interpolate<const D: usize>(
                 lerp_only: split.lerp_only,
             };
             let prepared = kernels::cubecl::prepare(a.clone(), b.clone(), rows, params);
-            let out = kernels::cubecl::apply(a, b, prepared.clone()).cast(out_dtype);
             let stats = DeviceStats {
-                prepared,
+                prepared: prepared.clone(),
                 numel: n,
                 t: config.t,
                 per_row: split.per_row,
             };
-            return Interpolated::Done(out, Some(Summary::OnDevice(stats)));
+            return Some((Prepared::Device(prepared), Some(Summary::OnDevice(stats))));
         }
         Route::Cpu => {
             let fused = PairStats::triples(&kernels::cpu::stats(a.clone(), b.clone(), rows));
@@ -375,10 +435,10 @@ pub(crate) fn interpolate<const D: usize>(
             if fused.iter().all(trusted) {
                 fused
             } else {
-                generic_stats(&a, &b, rows)
+                generic_stats(a, b, rows)
             }
         }
-        Route::Generic => generic_stats(&a, &b, rows),
+        Route::Generic => generic_stats(a, b, rows),
     };
     let mut coeffs = Vec::with_capacity(rows);
     for s in &stats {
@@ -388,20 +448,39 @@ pub(crate) fn interpolate<const D: usize>(
                 coeffs.push(Coefficients::lerp(config.t, LerpReason::Method));
             }
             Some(c) => coeffs.push(c),
-            None => return Interpolated::NonFinite(a.cast(out_dtype)),
+            None => return None,
         }
     }
     let summary = TensorStats::new(n, config.t, &stats, &coeffs, split.per_row);
-    let out = if route == Route::Cpu {
-        let flat = coeffs
-            .iter()
-            .flat_map(|c| [c.c0 as f32, c.c1 as f32])
-            .collect();
-        kernels::cpu::combine(a, b, flat)
-    } else {
-        generic_combine(a, b, &coeffs, compute)
+    Some((Prepared::Host(coeffs), Some(Summary::Ready(summary))))
+}
+
+/// The combine of one pair with what its statistics pass prepared: `c0·a + c1·b` in `a`'s
+/// dtype, written over `a` where the kernels can (nothing else holds it), allocated otherwise.
+pub(crate) fn apply<const D: usize>(pair: Pair<D>, prepared: Prepared) -> Tensor<D> {
+    let Pair {
+        a,
+        b,
+        route,
+        out_dtype,
+    } = pair;
+    let out = match prepared {
+        Prepared::Empty => return a.cast(out_dtype),
+        #[cfg(feature = "wgpu")]
+        Prepared::Device(prepared) => kernels::cubecl::apply(a, b, prepared),
+        Prepared::Host(coeffs) if route == Route::Cpu => {
+            let flat = coeffs
+                .iter()
+                .flat_map(|c| [c.c0 as f32, c.c1 as f32])
+                .collect();
+            kernels::cpu::combine(a, b, flat)
+        }
+        Prepared::Host(coeffs) => {
+            let compute = compute_dtype(a.dtype()).expect("a float dtype");
+            generic_combine(a, b, &coeffs, compute)
+        }
     };
-    Interpolated::Done(out.cast(out_dtype), Some(Summary::Ready(summary)))
+    out.cast(out_dtype)
 }
 
 /// The merge at `t = 0` or `t = 1`: `a`, or `b` in `a`'s dtype, as they are (the formula

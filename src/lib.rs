@@ -71,6 +71,7 @@
 #[cfg(feature = "cli")]
 pub mod checkpoint;
 mod config;
+mod control;
 mod error;
 mod interpolate;
 mod kernels;
@@ -82,10 +83,13 @@ mod schedule;
 mod stats;
 
 pub use config::{Granularity, Method, SlerpConfig};
-pub use error::MergeError;
+pub use control::{MergeControl, MergeProgress, Stage};
+pub use error::{MergeError, MergeIntoError};
 pub use interpolate::slerp;
 #[doc(hidden)]
 pub use interpolate::slerp_generic;
+#[doc(hidden)]
+pub use kernels::storage_address;
 pub use module::SlerpMerger;
 pub use module::mean::{MeanStats, SphericalMean};
 pub use numerics::{Branch, LerpReason};

@@ -49,6 +49,12 @@ macro_rules! device_suite {
                 task_vectors_keep_their_norm,
                 spherical_mean_of_n_models,
                 sweep_merges_each_t_from_the_inputs,
+                merge_into_matches_merge_bit_for_bit,
+                merge_into_writes_over_a_and_spares_clones,
+                merge_into_errors_hand_a_back,
+                consuming_task_vectors_and_mean_match,
+                progress_counts_every_tensor,
+                cancelled_merges_leave_models_intact,
             );
         }
     };

@@ -6,8 +6,13 @@
 //! run in parallel over contiguous chunks with rayon. The coefficients are computed between the
 //! two passes by the caller, on the host, in f64.
 //!
-//! Only f32 tensors on flex or ndarray come here ([`super::route`]); a non-contiguous one is
-//! copied to contiguous memory first.
+//! The combine writes over `a`'s own storage when nothing else holds it (a merge that consumed
+//! its model); otherwise it allocates the output. Either way the values are the same bits.
+//!
+//! f32 tensors on flex or ndarray come here, and f16 and bf16 tensors on flex
+//! ([`super::route`]): those are widened to f32 eight values at a time, in registers, and the
+//! result is rounded once on the way back, so that no f32 copy of the tensor is ever made. A
+//! non-contiguous input is copied to contiguous memory first.
 
 // burn-ndarray is deprecated upstream; this crate still supports it behind its `ndarray` feature.
 #![allow(deprecated)]
@@ -18,11 +23,9 @@
 )]
 
 use burn::backend::{Backend, backend_extension, tensor::FloatTensor};
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData, bf16, f16};
 use rayon::prelude::*;
 use wide::f32x8;
-
-use std::mem::MaybeUninit;
 
 /// Elements per parallel task: large enough to stream, small enough to balance two cores.
 const CHUNK: usize = 1 << 16;
@@ -35,6 +38,7 @@ pub(crate) trait SlerpKernels: Backend {
     fn slerp_stats(a: FloatTensor<Self>, b: FloatTensor<Self>, rows: usize) -> FloatTensor<Self>;
 
     /// `c0·a + c1·b` row by row; `coefficients` is a `[rows, 2]` f32 tensor of `(c0, c1)`.
+    /// Written over `a`'s storage when `a` holds it alone, into a new tensor otherwise.
     fn slerp_combine(
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
@@ -75,27 +79,69 @@ pub(crate) fn combine<const D: usize>(
     Tensor::from_dispatch(out)
 }
 
+/// The element types the kernels read and write: f32 as it is, f16 and bf16 widened to f32
+/// (exactly) and rounded back once.
+pub(crate) trait Lane: Copy + Send + Sync + 'static {
+    fn widen(self) -> f32;
+    fn narrow(value: f32) -> Self;
+}
+
+impl Lane for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn narrow(value: f32) -> Self {
+        value
+    }
+}
+
+impl Lane for f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn narrow(value: f32) -> Self {
+        f16::from_f32(value)
+    }
+}
+
+impl Lane for bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn narrow(value: f32) -> Self {
+        bf16::from_f32(value)
+    }
+}
+
 /// `(Σa², Σb², Σa·b)` of one contiguous run.
 ///
 /// Eight f32 lanes accumulate blocks of [`FLUSH`] elements (64 per lane), and each block is
 /// added to f64 totals: the lanes keep the loop at memory speed, the short blocks keep the
 /// f32 rounding far below the accuracy bar, and the f64 totals keep long tensors exact and
 /// finite. A square above f32's range (|x| > 1.8e19) overflows a lane to infinity; the caller
-/// then recomputes the tensor on the f64 path before calling it non-finite.
-fn sums(a: &[f32], b: &[f32]) -> [f64; 3] {
+/// then recomputes the tensor on the f64 path before calling it non-finite. Half-precision
+/// values are widened as they are loaded, so they sum exactly as their f32 copies would.
+fn sums<E: Lane>(a: &[E], b: &[E]) -> [f64; 3] {
     let mut total = [0.0f64; 3];
     for (xa, xb) in a.chunks(FLUSH).zip(b.chunks(FLUSH)) {
         let (mut aa, mut bb, mut ab) = (f32x8::ZERO, f32x8::ZERO, f32x8::ZERO);
         let (ca, ta) = xa.as_chunks::<8>();
         let (cb, tb) = xb.as_chunks::<8>();
         for (x, y) in ca.iter().zip(cb) {
-            let (x, y) = (f32x8::from(*x), f32x8::from(*y));
+            let (x, y) = (f32x8::from(x.map(E::widen)), f32x8::from(y.map(E::widen)));
             aa = x.mul_add(x, aa);
             bb = y.mul_add(y, bb);
             ab = x.mul_add(y, ab);
         }
         let mut lanes = [aa.to_array(), bb.to_array(), ab.to_array()];
         for (l, (x, y)) in ta.iter().zip(tb).enumerate() {
+            let (x, y) = (x.widen(), y.widen());
             lanes[0][l] += x * x;
             lanes[1][l] += y * y;
             lanes[2][l] += x * y;
@@ -111,7 +157,7 @@ fn sums(a: &[f32], b: &[f32]) -> [f64; 3] {
 ///
 /// The chunk partials of a row are summed in a fixed order, so results do not depend on how the
 /// work was scheduled.
-pub(crate) fn stats_slices(a: &[f32], b: &[f32], rows: usize) -> Vec<f64> {
+pub(crate) fn stats_slices<E: Lane>(a: &[E], b: &[E], rows: usize) -> Vec<f64> {
     let cols = a.len() / rows.max(1);
     if cols == 0 {
         return vec![0.0; rows * 3];
@@ -149,48 +195,89 @@ pub(crate) fn stats_slices(a: &[f32], b: &[f32], rows: usize) -> Vec<f64> {
     }
 }
 
-/// `c0·a + c1·b` of two contiguous buffers, with `(c0, c1)` per row (`coefficients.len() / 2`
-/// equal rows).
-pub(crate) fn combine_slices(a: &[f32], b: &[f32], coefficients: &[f32]) -> Vec<f32> {
-    let n = a.len();
+/// One element of the combine, in f32, rounded once to the element type.
+#[inline(always)]
+fn mix<E: Lane>(x: E, y: E, c0: f32, c1: f32) -> E {
+    E::narrow(c0 * x.widen() + c1 * y.widen())
+}
+
+/// Runs `write(out_chunk, start, b_chunk, c0, c1)` over matching chunks of `out` (one slot per
+/// element) and `b`, in parallel, `start` being the chunk's first index: [`CHUNK`]-sized chunks
+/// for one row, whole rows (many per task) for several.
+fn for_each_row<O: Send, E: Lane>(
+    out: &mut [O],
+    b: &[E],
+    coefficients: &[f32],
+    write: impl Fn(&mut [O], usize, &[E], f32, f32) + Send + Sync,
+) {
+    let n = out.len();
     let rows = coefficients.len() / 2;
     let cols = n / rows.max(1);
     assert!(
         b.len() == n && rows * cols == n,
         "combine: inconsistent lengths"
     );
-    let mut out: Vec<f32> = Vec::with_capacity(n);
     if cols == 0 {
-        return out;
+        return;
     }
-    // Written once, without zero-filling first: a fill would be one more pass over memory.
-    let write = |o: &mut [MaybeUninit<f32>], x: &[f32], y: &[f32], c0: f32, c1: f32| {
-        for ((o, x), y) in o.iter_mut().zip(x).zip(y) {
-            o.write(c0 * x + c1 * y);
-        }
-    };
-    advise_huge_pages(&mut out);
-    let spare = &mut out.spare_capacity_mut()[..n];
     if rows == 1 {
         let (c0, c1) = (coefficients[0], coefficients[1]);
-        spare
-            .par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK))
+        out.par_chunks_mut(CHUNK)
             .zip(b.par_chunks(CHUNK))
-            .for_each(|((o, x), y)| write(o, x, y, c0, c1));
+            .enumerate()
+            .for_each(|(i, (o, y))| write(o, i * CHUNK, y, c0, c1));
     } else {
-        spare
-            .par_chunks_mut(cols)
-            .zip(a.par_chunks(cols))
+        out.par_chunks_mut(cols)
             .zip(b.par_chunks(cols))
             .zip(coefficients.par_chunks(2))
+            .enumerate()
             .with_min_len((CHUNK / cols).max(1))
-            .for_each(|(((o, x), y), c)| write(o, x, y, c[0], c[1]));
+            .for_each(|(i, ((o, y), c))| write(o, i * cols, y, c[0], c[1]));
     }
-    // SAFETY: the chunks above cover `spare[..n]` exactly (`rows · cols == n`, and `a`, `b` have
-    // `n` elements), and every element of every chunk was written.
+}
+
+/// `c0·a + c1·b` of two contiguous buffers into a new one, with `(c0, c1)` per row
+/// (`coefficients.len() / 2` equal rows).
+pub(crate) fn combine_slices<E: Lane>(a: &[E], b: &[E], coefficients: &[f32]) -> Vec<E> {
+    let n = a.len();
+    let mut out: Vec<E> = Vec::with_capacity(n);
+    advise_huge_pages(&mut out);
+    // Written once, without zero-filling first: a fill would be one more pass over memory.
+    let spare = &mut out.spare_capacity_mut()[..n];
+    for_each_row(spare, b, coefficients, |o, start, y, c0, c1| {
+        let x = &a[start..start + o.len()];
+        for ((o, x), y) in o.iter_mut().zip(x).zip(y) {
+            o.write(mix(*x, *y, c0, c1));
+        }
+    });
+    // SAFETY: `for_each_row` covers `spare[..n]` exactly with its chunks (it checks
+    // `rows · cols == n` and that `b` has `n` elements), and every element of every chunk was
+    // written.
     unsafe { out.set_len(n) };
     out
+}
+
+/// `c0·a + c1·b` written over `a`, with `(c0, c1)` per row: the same bits as
+/// [`combine_slices`].
+pub(crate) fn combine_in_place<E: Lane>(a: &mut [E], b: &[E], coefficients: &[f32]) {
+    for_each_row(a, b, coefficients, |o, _, y, c0, c1| {
+        for (o, y) in o.iter_mut().zip(y) {
+            *o = mix(*o, *y, c0, c1);
+        }
+    });
+}
+
+/// `c0·a + c1·b` into `out`, a buffer of `a`'s length (reused from tensor to tensor by the
+/// file merge): the same bits as [`combine_slices`].
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
+pub(crate) fn combine_into<E: Lane>(out: &mut [E], a: &[E], b: &[E], coefficients: &[f32]) {
+    assert_eq!(out.len(), a.len(), "combine: inconsistent lengths");
+    for_each_row(out, b, coefficients, |o, start, y, c0, c1| {
+        let x = &a[start..start + o.len()];
+        for ((o, x), y) in o.iter_mut().zip(x).zip(y) {
+            *o = mix(*x, *y, c0, c1);
+        }
+    });
 }
 
 /// Asks the kernel to back the buffer's spare capacity with transparent huge pages, where the
@@ -201,7 +288,7 @@ pub(crate) fn combine_slices(a: &[f32], b: &[f32], coefficients: &[f32]) -> Vec<
 /// pages it is 32 faults. Only whole 2 MiB pages inside the allocation are advised, so nothing
 /// outside the buffer is touched; the advice changes no contents and is only a hint: refused or
 /// unsupported, the pass runs the same, only slower.
-fn advise_huge_pages(out: &mut Vec<f32>) {
+fn advise_huge_pages<E>(out: &mut Vec<E>) {
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
@@ -226,76 +313,118 @@ fn advise_huge_pages(out: &mut Vec<f32>) {
     let _ = out;
 }
 
-/// The kernels of one CPU backend: the backends differ only in their tensor type and in how
-/// its f32 values are borrowed (each backend module has its own `contiguous`).
-#[cfg(any(feature = "flex", feature = "ndarray"))]
-macro_rules! cpu_kernels {
-    ($backend:ty, $tensor:ident) => {
-        impl SlerpKernels for $backend {
-            fn slerp_stats(
-                a: FloatTensor<Self>,
-                b: FloatTensor<Self>,
-                rows: usize,
-            ) -> FloatTensor<Self> {
-                let out = stats_slices(&contiguous(&a), &contiguous(&b), rows);
-                $tensor::from_data(TensorData::new(out, [rows, 3]))
-            }
-
-            fn slerp_combine(
-                a: FloatTensor<Self>,
-                b: FloatTensor<Self>,
-                coefficients: FloatTensor<Self>,
-            ) -> FloatTensor<Self> {
-                let shape = a.shape();
-                let out =
-                    combine_slices(&contiguous(&a), &contiguous(&b), &contiguous(&coefficients));
-                $tensor::from_data(TensorData::new(out, shape))
-            }
-        }
-    };
-}
-
 #[cfg(feature = "flex")]
 mod flex {
+    use std::borrow::Cow;
+
     use burn::backend::Flex;
     use burn::backend::TensorMetadata;
     use burn::backend::flex::FlexTensor;
     use burn::backend::tensor::FloatTensor;
-    use burn::tensor::TensorData;
+    use burn::tensor::{AllocationProperty, DType, Element, TensorData, bf16, f16};
 
-    use super::{SlerpKernels, combine_slices, stats_slices};
+    use super::{Lane, SlerpKernels, combine_in_place, combine_slices, stats_slices};
 
-    /// The tensor's f32 values, contiguous: borrowed when they already are, copied otherwise.
-    fn contiguous(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
-        match t.as_slice::<f32>() {
-            Some(s) => std::borrow::Cow::Borrowed(s),
-            None => {
-                std::borrow::Cow::Owned(t.clone().into_data().iter::<f32>().collect::<Vec<f32>>())
+    /// The element types flex stores and the kernels read: f32, f16, bf16.
+    trait FlexLane: Lane + Element + bytemuck::Pod {}
+    impl FlexLane for f32 {}
+    impl FlexLane for f16 {}
+    impl FlexLane for bf16 {}
+
+    /// The tensor's values, contiguous: borrowed when they already are, copied otherwise.
+    fn contiguous<E: FlexLane>(t: &FlexTensor) -> Cow<'_, [E]> {
+        match t.as_slice::<E>() {
+            Some(s) => Cow::Borrowed(s),
+            None => Cow::Owned(t.clone().into_data().iter::<E>().collect()),
+        }
+    }
+
+    /// The element range of `t`'s storage that may be written over: `t` holds the storage
+    /// alone, the memory is this process's own (not a file, not a buffer shared with a
+    /// memory map), and `t` is contiguous in it.
+    fn writable(t: &FlexTensor) -> Option<(usize, usize)> {
+        if !t.is_unique() || !matches!(t.data_arc().property(), AllocationProperty::Native) {
+            return None;
+        }
+        t.layout().contiguous_offsets()
+    }
+
+    fn stats_as<E: FlexLane>(a: &FlexTensor, b: &FlexTensor, rows: usize) -> Vec<f64> {
+        stats_slices(&contiguous::<E>(a), &contiguous::<E>(b), rows)
+    }
+
+    fn combine_as<E: FlexLane>(
+        mut a: FlexTensor,
+        b: &FlexTensor,
+        coefficients: &[f32],
+    ) -> FlexTensor {
+        if let Some((start, end)) = writable(&a) {
+            let b = contiguous::<E>(b);
+            if let Some(storage) = a.try_storage_mut::<E>() {
+                combine_in_place(&mut storage[start..end], &b, coefficients);
+                return a;
+            }
+        }
+        let shape = a.shape();
+        let out = combine_slices(&contiguous::<E>(&a), &contiguous::<E>(b), coefficients);
+        FlexTensor::from_data(TensorData::new(out, shape))
+    }
+
+    impl SlerpKernels for Flex {
+        fn slerp_stats(
+            a: FloatTensor<Self>,
+            b: FloatTensor<Self>,
+            rows: usize,
+        ) -> FloatTensor<Self> {
+            let out = match a.dtype() {
+                DType::F16 => stats_as::<f16>(&a, &b, rows),
+                DType::BF16 => stats_as::<bf16>(&a, &b, rows),
+                _ => stats_as::<f32>(&a, &b, rows),
+            };
+            FlexTensor::from_data(TensorData::new(out, [rows, 3]))
+        }
+
+        fn slerp_combine(
+            a: FloatTensor<Self>,
+            b: FloatTensor<Self>,
+            coefficients: FloatTensor<Self>,
+        ) -> FloatTensor<Self> {
+            let coefficients = contiguous::<f32>(&coefficients);
+            match a.dtype() {
+                DType::F16 => combine_as::<f16>(a, &b, &coefficients),
+                DType::BF16 => combine_as::<bf16>(a, &b, &coefficients),
+                _ => combine_as::<f32>(a, &b, &coefficients),
             }
         }
     }
 
-    cpu_kernels!(Flex, FlexTensor);
+    /// The address of a tensor's first element, to tell whether a result reuses an input.
+    pub(crate) fn address(t: &FlexTensor) -> usize {
+        let offset = t.layout().start_offset() * t.dtype().size();
+        t.bytes()[offset..].as_ptr() as usize
+    }
 }
 
 #[cfg(feature = "ndarray")]
 mod ndarray {
+    use std::borrow::Cow;
+
     use burn::backend::NdArray;
     use burn::backend::TensorMetadata;
     use burn::backend::ndarray::NdArrayTensor;
     use burn::backend::tensor::FloatTensor;
     use burn::tensor::TensorData;
 
-    use super::{SlerpKernels, combine_slices, stats_slices};
+    use super::{SlerpKernels, combine_in_place, combine_slices, stats_slices};
 
     /// The tensor's f32 values, contiguous: borrowed when they already are, copied otherwise.
-    fn contiguous(t: &NdArrayTensor) -> std::borrow::Cow<'_, [f32]> {
+    fn contiguous(t: &NdArrayTensor) -> Cow<'_, [f32]> {
         if let NdArrayTensor::F32(storage) = t
             && let Some(s) = storage.view().to_slice()
         {
-            return std::borrow::Cow::Borrowed(s);
+            return Cow::Borrowed(s);
         }
-        std::borrow::Cow::Owned(match t {
+        Cow::Owned(match t {
             NdArrayTensor::F32(storage) => storage.view().iter().copied().collect(),
             other => panic!(
                 "the fused kernels take f32 tensors only, got {:?}",
@@ -304,7 +433,67 @@ mod ndarray {
         })
     }
 
-    cpu_kernels!(NdArray, NdArrayTensor);
+    fn allocate(a: &NdArrayTensor, b: &NdArrayTensor, coefficients: &[f32]) -> NdArrayTensor {
+        let out = combine_slices(&contiguous(a), &contiguous(b), coefficients);
+        NdArrayTensor::from_data(TensorData::new(out, a.shape()))
+    }
+
+    impl SlerpKernels for NdArray {
+        fn slerp_stats(
+            a: FloatTensor<Self>,
+            b: FloatTensor<Self>,
+            rows: usize,
+        ) -> FloatTensor<Self> {
+            let out = stats_slices(&contiguous(&a), &contiguous(&b), rows);
+            NdArrayTensor::from_data(TensorData::new(out, [rows, 3]))
+        }
+
+        fn slerp_combine(
+            a: FloatTensor<Self>,
+            b: FloatTensor<Self>,
+            coefficients: FloatTensor<Self>,
+        ) -> FloatTensor<Self> {
+            let coefficients = contiguous(&coefficients);
+            match a {
+                // Owned by this tensor alone (a zero-copy buffer from a file is never unique):
+                // written over, in its standard layout.
+                NdArrayTensor::F32(storage) if storage.is_unique() => {
+                    let mut array = storage.into_owned();
+                    if array.is_standard_layout() {
+                        let b = contiguous(&b);
+                        let values = array.as_slice_mut().expect("a standard layout");
+                        combine_in_place(values, &b, &coefficients);
+                        return NdArrayTensor::from(array);
+                    }
+                    allocate(&NdArrayTensor::from(array), &b, &coefficients)
+                }
+                a => allocate(&a, &b, &coefficients),
+            }
+        }
+    }
+
+    /// The address of a tensor's first element, to tell whether a result reuses an input.
+    pub(crate) fn address(t: &NdArrayTensor) -> Option<usize> {
+        match t {
+            NdArrayTensor::F32(storage) => Some(storage.view().as_ptr() as usize),
+            _ => None,
+        }
+    }
+}
+
+/// The address of a CPU tensor's first element (`None` on other devices and for dtypes the
+/// kernels do not take), so that tests can tell a result written over its input from a new one.
+#[doc(hidden)]
+pub fn storage_address<const D: usize>(tensor: &Tensor<D>) -> Option<usize> {
+    use burn::backend::{BackendTensor, DispatchTensorKind};
+    #[allow(unreachable_patterns)]
+    match tensor.clone().into_dispatch().kind {
+        #[cfg(feature = "flex")]
+        DispatchTensorKind::Flex(BackendTensor::Float(t)) => Some(flex::address(&t)),
+        #[cfg(feature = "ndarray")]
+        DispatchTensorKind::NdArray(BackendTensor::Float(t)) => ndarray::address(&t),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -65,7 +65,8 @@ pub(crate) trait SlerpDeviceKernels: Backend {
         lerp_only: bool,
     ) -> FloatTensor<Self>;
 
-    /// `c0·a + c1·b` row by row, with the coefficients of `prepared`.
+    /// `c0·a + c1·b` row by row, with the coefficients of `prepared`; written over `a` when
+    /// nothing else holds its buffer.
     #[fusion(dtype = a, shape = a)]
     fn slerp_apply(
         a: FloatTensor<Self>,
@@ -427,6 +428,17 @@ fn combine_kernel<F: Float>(a: &[F], b: &[F], prepared: &[F], out: &mut [F], col
     out[i] = prepared[o + 5] * a[i] + prepared[o + 6] * b[i];
 }
 
+/// Stage 4 written over `a`, which nothing else holds: the same expression, so the same bits.
+#[cube(launch_unchecked)]
+fn combine_in_place_kernel<F: Float>(a: &mut [F], b: &[F], prepared: &[F], cols: usize) {
+    let i = ABSOLUTE_POS;
+    if i >= a.len() {
+        terminate!();
+    }
+    let o = (i / cols) * 8;
+    a[i] = prepared[o + 5] * a[i] + prepared[o + 6] * b[i];
+}
+
 fn units_grid(tensor: &CubeTensor, units: usize) -> (CubeCount, CubeDim) {
     let dim = CubeDim::new_1d(CUBE);
     (
@@ -525,9 +537,26 @@ impl SlerpDeviceKernels for CubeBackend {
         let shape = a.meta.shape().clone();
         let n = shape.num_elements();
         let rows = prepared.meta.shape()[0];
-        let out = empty(&a, shape);
         let (count, dim) = units_grid(&a, n);
         let client = a.client.clone();
+        // A buffer nothing else holds (under fusion: one the stream hands over read-write, as
+        // its last use) is written over.
+        if a.can_mut() {
+            // SAFETY: element `i < n` of `a` and `b`, and row `i / cols < rows` of `prepared`.
+            unsafe {
+                combine_in_place_kernel::launch_unchecked::<f32>(
+                    &client,
+                    count,
+                    dim,
+                    a.clone().into_buffer_arg(),
+                    b.into_buffer_arg(),
+                    into_contiguous(prepared).into_buffer_arg(),
+                    n / rows,
+                );
+            }
+            return a;
+        }
+        let out = empty(&a, shape);
         // SAFETY: element `i < n` of `a`, `b` and `out`, and row `i / cols < rows` of `prepared`.
         unsafe {
             combine_kernel::launch_unchecked::<f32>(

@@ -8,6 +8,7 @@
 use burn::tensor::{DType, Device, Tensor};
 
 pub(crate) mod cpu;
+pub use cpu::storage_address;
 #[cfg(feature = "wgpu")]
 pub(crate) mod cubecl;
 
@@ -36,10 +37,32 @@ pub(crate) fn is_cpu(device: &Device) -> bool {
     }
 }
 
+/// Whether the CPU kernels take this pair as it is, without an f32 copy: f16 or bf16 pairs of
+/// one dtype on flex (the kernels widen them as they read).
+pub(crate) fn takes_half<const D: usize>(a: &Tensor<D>, b: &Tensor<D>) -> bool {
+    #[cfg(feature = "flex")]
+    {
+        matches!(a.dtype(), DType::F16 | DType::BF16)
+            && a.dtype() == b.dtype()
+            && matches!(
+                a.device().as_dispatch(),
+                burn::backend::DispatchDevice::Flex(_)
+            )
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = (a, b);
+        false
+    }
+}
+
 /// The route of a pair of tensors of one shape and device, without autodiff, as they are
-/// computed: f32 pairs take the kernels of their device where it has them, everything else
-/// (f64, devices of other backends) the generic path.
+/// computed: f32 pairs take the kernels of their device where it has them, and so do the pairs
+/// of [`takes_half`]; everything else (f64, devices of other backends) the generic path.
 pub(crate) fn route<const D: usize>(a: &Tensor<D>, b: &Tensor<D>) -> Route {
+    if takes_half(a, b) {
+        return Route::Cpu;
+    }
     if a.dtype() != DType::F32 || b.dtype() != DType::F32 {
         return Route::Generic;
     }

@@ -4,8 +4,10 @@ use burn::module::Module;
 use burn::tensor::Tensor;
 use serde::Serialize;
 
-use super::walk::{Combine, Mapped, check_structure, map_pairs};
+use super::walk::{Combine, Model, apply_pairs, check_structure, map_pairs, prepare_pairs, totals};
+use crate::control::MergeControl;
 use crate::error::MergeError;
+use crate::error::MergeIntoError;
 use crate::interpolate::{AutodiffState, Interpolated, TensorInfo, check_pair, compute_dtype};
 use crate::numerics::{ANTIPARALLEL_MARGIN, Angle, Branch, LerpReason, angle, sinc};
 use crate::reduce::tensor_stats;
@@ -182,27 +184,96 @@ impl SphericalMean {
     /// first), and [`MergeError::InvalidWeights`] when the number of weights is not the
     /// number of models.
     pub fn merge<M: Module>(&self, models: &[&M]) -> Result<(M, Vec<MeanStats>), MergeError> {
-        self.validate(models.len())?;
-        let names: Vec<String> = (0..models.len()).map(|i| i.to_string()).collect();
-        let others: Vec<(&str, &M)> = names[1..]
+        let Some((first, others)) = models.split_first() else {
+            return Err(self.validate(0).err().expect("no weights for no models"));
+        };
+        self.run(Model::Borrowed(*first), others)
+            .map_err(|(e, _)| e)
+    }
+
+    /// The consuming form of [`merge`](Self::merge), for the memory it saves: `first` is
+    /// consumed and each of its float tensors dropped as its mean replaces it, so the merge
+    /// holds the models and one tensor's temporaries rather than one more model. Every input
+    /// is checked for NaN and infinity before the first tensor is replaced, so every error
+    /// comes back with `first`, untouched. The same bits as `merge`.
+    ///
+    /// # Errors
+    ///
+    /// As [`merge`](Self::merge) (with `first` the first of the models and `others` the
+    /// rest, one weight per model), with `first` handed back untouched.
+    pub fn merge_into<M: Module>(
+        &self,
+        first: M,
+        others: &[&M],
+    ) -> Result<(M, Vec<MeanStats>), MergeIntoError<M>> {
+        self.run(Model::Owned(first), others).map_err(|(e, model)| {
+            MergeIntoError::new(
+                e,
+                model.expect("consuming means fail before their first write"),
+            )
+        })
+    }
+
+    /// The mean behind both entry points: tensor by tensor for a borrowed first model,
+    /// statistics first for an owned one.
+    #[allow(clippy::type_complexity)]
+    fn run<M: Module>(
+        &self,
+        first: Model<'_, M>,
+        others: &[&M],
+    ) -> Result<(M, Vec<MeanStats>), (MergeError, Option<M>)> {
+        let give_back = |e: MergeError, first: Model<'_, M>| match first {
+            Model::Owned(m) => (e, Some(m)),
+            Model::Borrowed(_) => (e, None),
+        };
+        if let Err(e) = self.validate(others.len() + 1) {
+            return Err(give_back(e, first));
+        }
+        let names: Vec<String> = (0..=others.len()).map(|i| i.to_string()).collect();
+        let named: Vec<(&str, &M)> = names[1..]
             .iter()
             .map(String::as_str)
-            .zip(models[1..].iter().copied())
+            .zip(others.iter().copied())
             .collect();
-        check_structure((&names[0], models[0]), &others)?;
-        let Mapped {
-            module,
-            stats,
-            non_finite,
-        } = map_pairs(models[0], &models[1..], &mut MeanCombine { mean: self });
-        if let Some(path) = non_finite {
-            return Err(MergeError::NonFinite { path });
+        let structure = match check_structure((&names[0], first.get()), &named) {
+            Ok(structure) => structure,
+            Err(e) => return Err(give_back(e, first)),
+        };
+        let totals = totals(&structure);
+        let combine = &mut MeanCombine { mean: self };
+        let control = &mut MergeControl::new();
+        let mapped = match first {
+            Model::Borrowed(_) => map_pairs(first, others, combine, control, totals),
+            Model::Owned(_) => {
+                let prepass = prepare_pairs(first.get(), others, combine, control, totals);
+                if let Some(stop) = prepass.stop.clone() {
+                    return Err(give_back(stop.into_error(), first));
+                }
+                apply_pairs(first, prepass, combine, control, totals)
+            }
+        };
+        if let Some(stop) = mapped.stop {
+            return Err((stop.into_error(), None));
         }
-        let stats = stats
+        let stats = mapped
+            .stats
             .into_iter()
             .map(|(path, stats)| MeanStats { path, ..stats })
             .collect();
-        Ok((module, stats))
+        Ok((mapped.module, stats))
+    }
+
+    /// Whether every weighted tensor is finite (the one way [`compute`](Self::compute) fails).
+    fn finite<const D: usize>(&self, tensors: &[Tensor<D>]) -> bool {
+        self.weights.iter().zip(tensors).all(|(w, x)| {
+            if *w <= 0.0 {
+                return true;
+            }
+            let compute = compute_dtype(x.dtype()).expect("checked before computing");
+            let n = x.shape().num_elements();
+            let x = x.clone().cast(compute).reshape([n]);
+            tensor_stats(x.clone(), x).aa.is_finite()
+        })
     }
 
     /// The mean of tensors known to match, without autodiff; `None` when a weighted one is not
@@ -316,6 +387,34 @@ struct MeanCombine<'a> {
 
 impl Combine for MeanCombine<'_> {
     type Stats = MeanStats;
+    type Prepared = ();
+
+    fn prepare<const D: usize>(
+        &mut self,
+        _path: &str,
+        first: Tensor<D>,
+        others: Vec<Tensor<D>>,
+    ) -> Option<((), Option<MeanStats>)> {
+        let mut all = vec![first];
+        all.extend(others);
+        self.mean.finite(&all).then_some(((), None))
+    }
+
+    fn apply<const D: usize>(
+        &mut self,
+        _path: &str,
+        _prepared: (),
+        first: Tensor<D>,
+        others: Vec<Tensor<D>>,
+    ) -> (Tensor<D>, Option<MeanStats>) {
+        let mut all = vec![first];
+        all.extend(others);
+        let (out, stats) = self
+            .mean
+            .compute(&all)
+            .expect("the inputs were found finite in the statistics pass");
+        (out, Some(stats))
+    }
 
     fn combine<const D: usize>(
         &mut self,

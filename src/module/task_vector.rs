@@ -3,7 +3,23 @@
 use burn::tensor::Tensor;
 
 use crate::config::SlerpConfig;
-use crate::interpolate::{Interpolated, KernelChoice, compute_dtype, endpoint, interpolate};
+use crate::interpolate::{
+    Interpolated, KernelChoice, Pair, Prepared, Summary, apply, compute_dtype, endpoint,
+    interpolate, prepare,
+};
+
+/// `base`, `a − base` and `b − base` in the compute dtype (f32, f64 for f64 tensors).
+fn task_vectors<const D: usize>(
+    base: Tensor<D>,
+    a: Tensor<D>,
+    b: Tensor<D>,
+) -> (Tensor<D>, Tensor<D>, Tensor<D>) {
+    let compute = compute_dtype(a.dtype()).expect("checked before merging");
+    let base = base.cast(compute);
+    let da = a.cast(compute).sub(base.clone());
+    let db = b.cast(compute).sub(base.clone());
+    (base, da, db)
+}
 
 /// `base + slerp(a − base, b − base)`, computed in f32 (f64 for f64 tensors) and returned in
 /// `a`'s dtype; `t = 0` and `t = 1` return `a` and `b` themselves.
@@ -17,14 +33,35 @@ pub(crate) fn interpolate_task_vectors<const D: usize>(
         return Interpolated::Done(input, None);
     }
     let dtype = a.dtype();
-    let compute = compute_dtype(dtype).expect("checked before merging");
-    let base = base.cast(compute);
-    let (da, db) = (
-        a.cast(compute).sub(base.clone()),
-        b.cast(compute).sub(base.clone()),
-    );
+    let (base, da, db) = task_vectors(base, a, b);
     match interpolate(da, db, config, KernelChoice::Fused) {
         Interpolated::Done(out, summary) => Interpolated::Done(base.add(out).cast(dtype), summary),
         Interpolated::NonFinite(da) => Interpolated::NonFinite(base.add(da).cast(dtype)),
     }
+}
+
+/// The statistics pass of [`interpolate_task_vectors`] strictly between the endpoints: the task
+/// vectors are computed, reduced and dropped.
+pub(crate) fn prepare_task_vectors<const D: usize>(
+    base: Tensor<D>,
+    a: Tensor<D>,
+    b: Tensor<D>,
+    config: &SlerpConfig,
+) -> Option<(Prepared, Option<Summary>)> {
+    let (_, da, db) = task_vectors(base, a, b);
+    prepare(&Pair::new(da, db, KernelChoice::Fused), config)
+}
+
+/// The write pass: the task vectors computed again, combined with the prepared coefficients
+/// and added to `base`; the same bits as [`interpolate_task_vectors`].
+pub(crate) fn apply_task_vectors<const D: usize>(
+    base: Tensor<D>,
+    a: Tensor<D>,
+    b: Tensor<D>,
+    prepared: Prepared,
+) -> Tensor<D> {
+    let dtype = a.dtype();
+    let (base, da, db) = task_vectors(base, a, b);
+    let out = apply(Pair::new(da, db, KernelChoice::Fused), prepared);
+    base.add(out).cast(dtype)
 }

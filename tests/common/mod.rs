@@ -7,7 +7,9 @@
 
 use std::collections::BTreeMap;
 
+pub mod in_place;
 pub mod recipes;
+pub use in_place::*;
 pub use recipes::*;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
