@@ -426,13 +426,7 @@ pub(crate) fn prepare<const D: usize>(
         }
         Route::Cpu => {
             let fused = PairStats::triples(&kernels::cpu::stats(a.clone(), b.clone(), rows));
-            // The kernel's f32 lanes overflow for |x| > 1.8e19 and lose digits below 1e-19:
-            // the f64 path decides those tensors.
-            let trusted = |s: &PairStats| {
-                let floor = UNDERFLOW_MEAN_SQUARE * cols as f64;
-                s.is_finite() && s.aa >= floor && s.bb >= floor
-            };
-            if fused.iter().all(trusted) {
+            if trusted(&fused, cols) {
                 fused
             } else {
                 generic_stats(a, b, rows)
@@ -440,8 +434,36 @@ pub(crate) fn prepare<const D: usize>(
         }
         Route::Generic => generic_stats(a, b, rows),
     };
-    let mut coeffs = Vec::with_capacity(rows);
-    for s in &stats {
+    let (coeffs, summary) = finish(&stats, &dims, config)?;
+    Some((Prepared::Host(coeffs), Some(Summary::Ready(summary))))
+}
+
+/// The number of vectors a tensor of `dims` is split into for `config`: its rows, or 1.
+pub(crate) fn vectors(dims: &[usize], config: &SlerpConfig) -> usize {
+    Split::of(dims, config).vectors
+}
+
+/// Whether the CPU kernels' statistics of rows of `cols` elements can be trusted: their f32
+/// lanes overflow for |x| > 1.8e19 and lose digits below 1e-19, and the f64 path decides
+/// those tensors.
+pub(crate) fn trusted(stats: &[PairStats], cols: usize) -> bool {
+    let floor = UNDERFLOW_MEAN_SQUARE * cols as f64;
+    stats
+        .iter()
+        .all(|s| s.is_finite() && s.aa >= floor && s.bb >= floor)
+}
+
+/// The coefficients of each vector of a tensor of `dims` from its statistics, and the summary;
+/// `None` when an input holds a NaN or an infinity.
+pub(crate) fn finish(
+    stats: &[PairStats],
+    dims: &[usize],
+    config: &SlerpConfig,
+) -> Option<(Vec<Coefficients>, TensorStats)> {
+    let split = Split::of(dims, config);
+    let n: usize = dims.iter().product();
+    let mut coeffs = Vec::with_capacity(stats.len());
+    for s in stats {
         match coefficients(*s, config) {
             // The statistics served the finiteness check only.
             Some(_) if split.lerp_only => {
@@ -451,8 +473,8 @@ pub(crate) fn prepare<const D: usize>(
             None => return None,
         }
     }
-    let summary = TensorStats::new(n, config.t, &stats, &coeffs, split.per_row);
-    Some((Prepared::Host(coeffs), Some(Summary::Ready(summary))))
+    let summary = TensorStats::new(n, config.t, stats, &coeffs, split.per_row);
+    Some((coeffs, summary))
 }
 
 /// The combine of one pair with what its statistics pass prepared: `c0·a + c1·b` in `a`'s

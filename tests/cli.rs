@@ -1760,3 +1760,94 @@ proptest! {
         }
     }
 }
+
+/// The output is written by this crate's own safetensors writer (the data from reused
+/// buffers): at t = 0 it is A's tensors in A's dtypes with A's metadata, so it must be the file
+/// the safetensors crate wrote for A, byte for byte, header layout included.
+#[test]
+fn the_written_file_is_the_one_the_safetensors_crate_writes() {
+    let dir = scratch("layout");
+    let (a, b) = pair(&dir);
+    let out = dir.join("out.safetensors");
+    succeeds(&["merge", s(&a), s(&b), "-o", s(&out), "-t", "0", "-q"]);
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(&a).unwrap(),
+        "the output differs from A's file"
+    );
+}
+
+/// Writes a safetensors file by hand whose first tensor is 3 bytes of U8, so that every f32
+/// tensor after it starts 3 bytes past a 4-byte boundary (legal in the format; the safetensors
+/// crate's own writer never does it).
+fn write_unaligned(path: &Path, specs: &[Spec]) {
+    let mut header = serde_json::Map::new();
+    let mut data: Vec<u8> = vec![1, 2, 3];
+    header.insert(
+        "flags".into(),
+        serde_json::json!({ "dtype": "U8", "shape": [3], "data_offsets": [0, 3] }),
+    );
+    for (name, dtype, shape, v) in specs {
+        let bytes = encode(*dtype, v);
+        let start = data.len();
+        data.extend(&bytes);
+        header.insert(
+            name.to_string(),
+            serde_json::json!({
+                "dtype": format!("{dtype:?}"),
+                "shape": shape,
+                "data_offsets": [start, data.len()],
+            }),
+        );
+    }
+    let mut text = serde_json::to_vec(&header).unwrap();
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut file = (text.len() as u64).to_le_bytes().to_vec();
+    file.extend(text);
+    file.extend(data);
+    std::fs::write(path, file).unwrap();
+}
+
+#[test]
+fn unaligned_tensors_merge_like_aligned_ones() {
+    let dir = scratch("unaligned");
+    let specs = |seed| -> Vec<Spec> {
+        vec![
+            ("layers.0.w", Dtype::F32, vec![4, 6], values(seed, 24)),
+            ("layers.1.w", Dtype::F32, vec![5], values(seed + 1, 5)),
+        ]
+    };
+    let (a, b) = (dir.join("a.safetensors"), dir.join("b.safetensors"));
+    write_unaligned(&a, &specs(3));
+    write_unaligned(&b, &specs(30));
+    let file = std::fs::read(&a).unwrap();
+    let header = SafeTensors::deserialize(&file).unwrap();
+    let start = 8 + u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    let offset = header.tensor("layers.0.w").unwrap().data().as_ptr() as usize
+        - file.as_ptr() as usize
+        - start;
+    assert_eq!(offset % 4, 3, "the f32 data is off a 4-byte boundary");
+    let out = dir.join("out.safetensors");
+    succeeds(&["merge", s(&a), s(&b), "-o", s(&out), "-t", "0.3", "-q"]);
+    let got = file_snapshot(&out);
+    assert_eq!(
+        got["flags"].2,
+        vec![1, 2, 3],
+        "A's integer tensor, as it is"
+    );
+    for (name, _, shape, _) in specs(3) {
+        let (x, y) = (
+            specs(3).into_iter().find(|s| s.0 == name).unwrap().3,
+            specs(30).into_iter().find(|s| s.0 == name).unwrap().3,
+        );
+        let want = common::reference(
+            &stored(Dtype::F32, &x),
+            &stored(Dtype::F32, &y),
+            0.3,
+            1e-8,
+            None,
+        );
+        let (dtype, got_shape, bytes, _) = &got[name];
+        assert_eq!((dtype, got_shape), (&DType::F32, &shape), "{name}");
+        assert_rounded(name, DType::F32, &decode(DType::F32, bytes), &want);
+    }
+}

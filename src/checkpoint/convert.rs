@@ -76,6 +76,90 @@ pub(super) fn to_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
     }
 }
 
+/// A float tensor's values as f32: the stored bytes themselves for an f32 tensor on a
+/// little-endian host when they lie on a 4-byte boundary (the format does not promise it),
+/// otherwise widened (or narrowed, from f64) into `scratch`, which keeps its memory for the next
+/// tensor.
+pub(super) fn f32_values<'a>(
+    dtype: DType,
+    bytes: &'a [u8],
+    scratch: &'a mut Vec<f32>,
+) -> &'a [f32] {
+    if matches!(dtype, DType::F32 | DType::Flex32)
+        && cfg!(target_endian = "little")
+        && let Ok(values) = bytemuck::try_cast_slice::<u8, f32>(bytes)
+    {
+        return values;
+    }
+    scratch.clear();
+    match dtype {
+        DType::F32 | DType::Flex32 => scratch.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
+        DType::F16 => scratch.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
+        DType::BF16 => scratch.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
+        DType::F64 => scratch.extend(
+            bytes
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32),
+        ),
+        other => unreachable!("not a float dtype: {other:?}"),
+    }
+    scratch
+}
+
+/// Merged f32 values rounded once to `dtype` (f32, f16 or bf16), as little-endian bytes: the
+/// values themselves for f32 on a little-endian host, otherwise encoded into `scratch`, which
+/// keeps its memory for the next tensor. `None` when one of them is not finite there.
+pub(super) fn encode_f32<'a>(
+    dtype: DType,
+    values: &'a [f32],
+    scratch: &'a mut Vec<u8>,
+) -> Option<&'a [u8]> {
+    if matches!(dtype, DType::F32 | DType::Flex32) && cfg!(target_endian = "little") {
+        return values
+            .iter()
+            .all(|v| v.is_finite())
+            .then(|| bytemuck::cast_slice(values));
+    }
+    scratch.clear();
+    scratch.reserve(values.len() * dtype.size());
+    match dtype {
+        DType::F32 | DType::Flex32 => {
+            for v in values {
+                v.is_finite().then_some(())?;
+                scratch.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for v in values {
+                let h = f16::from_f32(*v);
+                h.is_finite().then_some(())?;
+                scratch.extend_from_slice(&h.to_le_bytes());
+            }
+        }
+        DType::BF16 => {
+            for v in values {
+                let h = bf16::from_f32(*v);
+                h.is_finite().then_some(())?;
+                scratch.extend_from_slice(&h.to_le_bytes());
+            }
+        }
+        other => unreachable!("not an f32-computed dtype: {other:?}"),
+    }
+    Some(scratch)
+}
+
 /// Little-endian values of a float tensor, widened to f64.
 pub(super) fn to_f64(dtype: DType, bytes: &[u8]) -> Vec<f64> {
     match dtype {

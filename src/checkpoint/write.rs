@@ -1,26 +1,32 @@
-//! Writing the merged checkpoint: each tensor is computed when the writer asks for its bytes,
-//! written, and dropped. One `.safetensors` file (`safetensors::serialize_to_file` over lazy
-//! views), a sharded folder (one such file per shard, and the index), or a `.bpk` burnpack file
-//! (burn-store's writer over deferred tensors).
+//! Writing the merged checkpoint: each tensor is computed when the writer reaches it, written,
+//! and forgotten. One `.safetensors` file (the crate's header, the data written here from
+//! buffers reused from tensor to tensor), a sharded folder (one such file per shard, and the
+//! index), or a `.bpk` burnpack file (burn-store's writer over deferred tensors, which owns
+//! each tensor's bytes).
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use burn::store::burn_pack::{self, Bytes, Writer};
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
-use safetensors::tensor::{Dtype, View};
+use safetensors::tensor::{Metadata, TensorInfo};
 
-use super::convert::{convert, encode, label, to_f32, to_f64, to_safetensors};
+use super::convert::{
+    convert, encode, encode_f32, f32_values, label, to_f32, to_f64, to_safetensors,
+};
 use super::error::CheckpointError;
 use super::options::{FileMerge, Progress};
 use super::plan::{Origin, OutputTensor};
 use super::read::{Checkpoint, Format, INDEX};
+use crate::config::SlerpConfig;
 use crate::error::MergeError;
-use crate::interpolate::{compute_dtype, slerp_with_stats};
+use crate::interpolate::{compute_dtype, finish, slerp_with_stats, trusted, vectors};
+use crate::kernels;
+use crate::numerics::PairStats;
 use crate::report::MergeReport;
 use crate::stats::TensorStats;
 
@@ -40,6 +46,8 @@ struct Writing {
     total: usize,
     /// The first error, kept for writers that cannot return one.
     error: Mutex<Option<CheckpointError>>,
+    /// Buffers reused from tensor to tensor.
+    scratch: Mutex<Scratch>,
 }
 
 /// The progress callback and the tensors written so far.
@@ -71,6 +79,7 @@ impl Writing {
             }),
             total,
             error: Mutex::new(None),
+            scratch: Mutex::new(Scratch::default()),
         }
     }
 
@@ -80,10 +89,6 @@ impl Writing {
         let mut stats = std::mem::take(&mut *lock(&self.stats));
         stats.sort_by_key(|(index, _)| *index);
         MergeReport::new(stats.into_iter().map(|(_, s)| s).collect())
-    }
-
-    fn failed(&self) -> bool {
-        lock(&self.error).is_some()
     }
 
     fn fail(&self, e: CheckpointError) {
@@ -102,13 +107,19 @@ impl Writing {
         });
     }
 
-    /// The bytes of one output tensor.
-    fn compute(&self, tensor: &OutputTensor) -> Result<Vec<u8>, CheckpointError> {
+    /// Computes one output tensor and hands its bytes to `emit`, borrowed: from the input's
+    /// memory map when it is copied as it is, from the buffers the merge reuses from tensor to
+    /// tensor otherwise.
+    fn produce(
+        &self,
+        tensor: &OutputTensor,
+        emit: &mut dyn FnMut(&[u8]) -> Result<(), CheckpointError>,
+    ) -> Result<(), CheckpointError> {
         self.options.check_cancel()?;
         let name = &tensor.name;
         let t = match &tensor.origin {
-            Origin::CopyA => return Ok(self.a.bytes(name)?.to_vec()),
-            Origin::CopyB => return Ok(self.b.bytes(name)?.to_vec()),
+            Origin::CopyA => return emit(&self.a.bytes(name)?),
+            Origin::CopyB => return emit(&self.b.bytes(name)?),
             Origin::Merge(assignment) => assignment.t,
         };
         // At t = 0 and t = 1 the merge is an input: its bytes, converted where the output dtype
@@ -116,9 +127,90 @@ impl Writing {
         if t == 0.0 || t == 1.0 {
             let from = if t == 0.0 { &self.a } else { &self.b };
             let dtype = from.entry(name).and_then(|e| e.dtype).expect("planned");
-            return convert(dtype, &from.bytes(name)?, tensor.dtype)
-                .ok_or_else(|| does_not_fit(name, tensor.dtype));
+            let bytes = from.bytes(name)?;
+            if dtype == tensor.dtype {
+                return emit(&bytes);
+            }
+            let converted = convert(dtype, &bytes, tensor.dtype)
+                .ok_or_else(|| does_not_fit(name, tensor.dtype))?;
+            return emit(&converted);
         }
+        let config = self.options.config.clone().with_t(t).with_schedule(None);
+        if compute_dtype(tensor.dtype) == Some(FloatDType::F32)
+            && kernels::is_cpu(&self.options.device)
+        {
+            let mut scratch = lock(&self.scratch);
+            if let Some(result) = self.merge_on_host(tensor, &config, &mut scratch, emit) {
+                return result;
+            }
+        }
+        let bytes = self.merge_tensors(tensor, &config)?;
+        emit(&bytes)
+    }
+
+    /// The merge of one f32-computed tensor on the host, in the reused buffers: the same
+    /// statistics, coefficients and combine as the CPU kernels (the same bits), with no
+    /// tensor built. `None` when the fused statistics cannot be trusted (values beyond
+    /// ±1.8e19 or below 1e-19), which the tensor path then decides in f64.
+    fn merge_on_host(
+        &self,
+        tensor: &OutputTensor,
+        config: &SlerpConfig,
+        scratch: &mut Scratch,
+        emit: &mut dyn FnMut(&[u8]) -> Result<(), CheckpointError>,
+    ) -> Option<Result<(), CheckpointError>> {
+        let name = &tensor.name;
+        let n: usize = tensor.shape.iter().product();
+        let dims = if tensor.shape.len() >= 2 {
+            vec![tensor.shape[0].max(1), n / tensor.shape[0].max(1)]
+        } else {
+            vec![n]
+        };
+        let (bytes_a, bytes_b) = match (self.a.bytes(name), self.b.bytes(name)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return Some(Err(e)),
+        };
+        let dtype = |from: &Checkpoint| from.entry(name).and_then(|e| e.dtype).expect("planned");
+        let Scratch { a, b, out, bytes } = scratch;
+        let xa = f32_values(dtype(&self.a), &bytes_a, a);
+        let xb = f32_values(dtype(&self.b), &bytes_b, b);
+        if n == 0 {
+            return Some(emit(&[]));
+        }
+        let rows = vectors(&dims, config);
+        let stats = PairStats::triples(&kernels::cpu::stats_slices(xa, xb, rows));
+        if !trusted(&stats, n / rows) {
+            return None;
+        }
+        let Some((coeffs, mut summary)) = finish(&stats, &dims, config) else {
+            return Some(Err(CheckpointError::NonFinite {
+                name: name.clone(),
+                reason: "an input holds a NaN or an infinity".into(),
+            }));
+        };
+        let flat: Vec<f32> = coeffs
+            .iter()
+            .flat_map(|c| [c.c0 as f32, c.c1 as f32])
+            .collect();
+        out.resize(n, 0.0);
+        kernels::cpu::combine_into(out, xa, xb, &flat);
+        summary.path = name.clone();
+        lock(&self.stats).push((tensor.index, summary));
+        Some(match encode_f32(tensor.dtype, out, bytes) {
+            Some(encoded) => emit(encoded),
+            None => Err(does_not_fit(name, tensor.dtype)),
+        })
+    }
+
+    /// The merge of one tensor through Burn tensors on the options' device: f64 tensors,
+    /// devices other than the CPU backends, and the tensors [`Self::merge_on_host`] leaves to
+    /// the f64 path.
+    fn merge_tensors(
+        &self,
+        tensor: &OutputTensor,
+        config: &SlerpConfig,
+    ) -> Result<Vec<u8>, CheckpointError> {
+        let name = &tensor.name;
         let n: usize = tensor.shape.iter().product();
         let device = &self.options.device;
         let compute = compute_dtype(tensor.dtype).expect("a float dtype");
@@ -132,7 +224,6 @@ impl Writing {
             Ok(Tensor::from_data(values, (device, compute.into())))
         };
         let (a, b) = (load(&self.a)?, load(&self.b)?);
-        let config = self.options.config.clone().with_t(t).with_schedule(None);
         let merge_error = |e: MergeError| match e {
             MergeError::NonFinite { .. } => CheckpointError::NonFinite {
                 name: name.clone(),
@@ -144,10 +235,10 @@ impl Writing {
         let (out, stats) = if tensor.shape.len() >= 2 {
             let rows = tensor.shape[0].max(1);
             let (a2, b2) = (a.reshape([rows, n / rows]), b.reshape([rows, n / rows]));
-            let (out, stats) = slerp_with_stats(a2, b2, &config).map_err(merge_error)?;
+            let (out, stats) = slerp_with_stats(a2, b2, config).map_err(merge_error)?;
             (out.reshape([n]), stats)
         } else {
-            slerp_with_stats(a, b, &config).map_err(merge_error)?
+            slerp_with_stats(a, b, config).map_err(merge_error)?
         };
         if let Some(mut stats) = stats {
             stats.path = name.clone();
@@ -155,6 +246,27 @@ impl Writing {
         }
         encode(tensor.dtype, &out.into_data()).ok_or_else(|| does_not_fit(name, tensor.dtype))
     }
+
+    /// The bytes of one output tensor, owned (for writers that keep them).
+    fn compute(&self, tensor: &OutputTensor) -> Result<Vec<u8>, CheckpointError> {
+        let mut owned = Vec::new();
+        self.produce(tensor, &mut |bytes| {
+            owned = bytes.to_vec();
+            Ok(())
+        })?;
+        Ok(owned)
+    }
+}
+
+/// The buffers the file merge reuses from tensor to tensor: inputs widened to f32 (when they
+/// cannot be read in place), the merged values, and their encoding. Each grows to the largest
+/// tensor that needs it, once.
+#[derive(Default)]
+struct Scratch {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    out: Vec<f32>,
+    bytes: Vec<u8>,
 }
 
 fn does_not_fit(name: &str, dtype: DType) -> CheckpointError {
@@ -247,48 +359,13 @@ pub(super) fn check_output(out: &Path, format: Format) -> Result<(), CheckpointE
     Ok(())
 }
 
-/// One tensor of a safetensors file, computed when the writer asks for its bytes.
-struct DeferredView<'a> {
-    tensor: &'a OutputTensor,
-    dtype: Dtype,
-    writing: &'a Writing,
-}
-
-impl View for &DeferredView<'_> {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-
-    fn shape(&self) -> &[usize] {
-        &self.tensor.shape
-    }
-
-    fn data(&self) -> Cow<'_, [u8]> {
-        // The writer cannot take an error: the first one is kept, and this tensor and every
-        // later one write nothing (the file was sized beforehand, so the short write is
-        // harmless), and the output is discarded at the end.
-        if self.writing.failed() {
-            return Cow::Borrowed(&[]);
-        }
-        match self.writing.compute(self.tensor) {
-            Ok(bytes) => {
-                self.writing.done(&self.tensor.name, bytes.len());
-                Cow::Owned(bytes)
-            }
-            Err(e) => {
-                self.writing.fail(e);
-                Cow::Borrowed(&[])
-            }
-        }
-    }
-
-    fn data_len(&self) -> usize {
-        self.tensor.byte_len
-    }
-}
-
 /// Writes `tensors` as one safetensors file at `path`, a file created beforehand (by
-/// [`create_temp`]) whose permissions it keeps.
+/// [`create_temp`]), whose permissions it keeps.
+///
+/// The header is the one the safetensors crate would write (its `Metadata`, serialised by
+/// it, tensors ordered as its own writer orders them: by dtype alignment, then by name,
+/// padded with spaces to 8 bytes); the data section is written here, each tensor from the
+/// buffer the merge reuses, so that no tensor's bytes are ever owned by the writer.
 fn write_safetensors(
     writing: &Writing,
     tensors: &[&OutputTensor],
@@ -296,37 +373,62 @@ fn write_safetensors(
     path: &Path,
     out: &Path,
 ) -> Result<(), CheckpointError> {
-    let views: Vec<DeferredView<'_>> = tensors
+    let dtype = |t: &OutputTensor| to_safetensors(t.dtype).expect("checked when planning");
+    let mut order: Vec<&OutputTensor> = tensors.to_vec();
+    order.sort_by(|x, y| dtype(y).cmp(&dtype(x)).then_with(|| x.name.cmp(&y.name)));
+    let mut offset = 0;
+    let infos = order
         .iter()
-        .map(|tensor| DeferredView {
-            tensor,
-            dtype: to_safetensors(tensor.dtype).expect("checked when planning"),
-            writing,
+        .map(|t| {
+            let info = TensorInfo {
+                dtype: dtype(t),
+                shape: t.shape.clone(),
+                data_offsets: (offset, offset + t.byte_len),
+            };
+            offset += t.byte_len;
+            (t.name.clone(), info)
         })
         .collect();
-    // The writer renames a private temporary file of its own onto `path`: the permissions the
-    // file created at `path` got (the umask's) are put back on afterwards.
-    let permissions = File::open(path)
-        .and_then(|f| f.metadata())
-        .map(|m| m.permissions());
-    let written = safetensors::serialize_to_file(
-        views.iter().map(|v| (v.tensor.name.clone(), v)),
-        metadata,
-        path,
-    )
-    .map_err(|e| e.to_string())
-    .and_then(|()| {
-        let permissions = permissions.map_err(|e| e.to_string())?;
-        std::fs::set_permissions(path, permissions).map_err(|e| e.to_string())
-    });
-    if let Some(e) = lock(&writing.error).take() {
-        return Err(e);
-    }
-    written.map_err(|e| CheckpointError::Io {
+    let io = |source: std::io::Error| CheckpointError::Io {
         path: out.to_path_buf(),
-        source: std::io::Error::other(e),
-    })
+        source,
+    };
+    let invalid = |e: String| io(std::io::Error::other(e));
+    let header = Metadata::new(metadata, infos).map_err(|e| invalid(e.to_string()))?;
+    let mut header = serde_json::to_string(&header)
+        .map_err(|e| invalid(e.to_string()))?
+        .into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    if header.len() > MAX_HEADER {
+        return Err(invalid(format!(
+            "the header would take {} bytes, above the format's limit of {MAX_HEADER}",
+            header.len()
+        )));
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .map_err(io)?;
+    let mut file = BufWriter::with_capacity(1 << 20, file);
+    file.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    file.write_all(&header).map_err(io)?;
+    for tensor in order {
+        let mut length = 0;
+        writing.produce(tensor, &mut |bytes| {
+            length = bytes.len();
+            file.write_all(bytes).map_err(io)
+        })?;
+        assert_eq!(length, tensor.byte_len, "{}: bytes as planned", tensor.name);
+        writing.done(&tensor.name, length);
+    }
+    file.into_inner().map_err(|e| io(e.into_error()))?;
+    Ok(())
 }
+
+/// The safetensors format's limit on the header, in bytes.
+const MAX_HEADER: usize = 100_000_000;
 
 /// Writes the shards of a sharded checkpoint and its index into the new folder `dir`.
 fn write_sharded(
