@@ -10,7 +10,19 @@
 //! time of a plain two-pass SLERP over the same shapes writing into preallocated outputs, the
 //! floor a merge that needs no fresh memory can reach.
 //!
-//! Usage: cargo bench --bench merge [--features ndarray,wgpu]
+//! The consuming merge (`merge_into`) is timed on a fresh copy of `a` per run (the copy is not
+//! timed: it stands for the model a program already holds), in both walk orders (every
+//! statistic first, as `merge_into` does, and tensor by tensor), next to the allocating `merge`
+//! in both orders, with its peak memory (`VmHWM` over `VmRSS` before it).
+//!
+//! With `--features cli` it also merges a GPT-2-small-shaped pair of `.safetensors` files with
+//! the `burn-slerp merge` command (the files are written to Cargo's scratch folder for
+//! benches), and times `cp --reflink=never A OUT` on the same filesystem in the same run: wall,
+//! user and system time of each (medians of 5 alternating runs), and the command's peak
+//! anonymous memory (`RssAnon` sampled every millisecond; the largest of the 5 runs).
+//!
+//! Usage: cargo bench --bench merge [--features ndarray,wgpu,cli] (`BENCH_ONLY=memory` or
+//! `BENCH_ONLY=files` for one half)
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -18,7 +30,7 @@ use std::time::{Duration, Instant};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{Device, Distribution, Tensor};
-use burn_slerp::{SlerpConfig, SlerpMerger, slerp};
+use burn_slerp::{SlerpConfig, SlerpMerger, WalkOrder, slerp};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rayon::prelude::*;
 use wide::f32x8;
@@ -228,7 +240,102 @@ fn memory(reset_peak: bool) -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// A copy of `module` in fresh memory of its own (each tensor's values copied), as a loaded
+/// model holds them.
+fn deep_copy<M: Module>(module: &M) -> M {
+    struct Copy;
+    impl burn::module::ModuleMapper for Copy {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            param.map(|t| Tensor::from_data(t.to_data(), &t.device()))
+        }
+    }
+    module.clone().map(&mut Copy)
+}
+
+/// Median of `runs` timings of `routine` on a fresh [`deep_copy`] of `a` each (untimed).
+fn median_consuming_s<M: Module, O>(
+    device: &Device,
+    a: &M,
+    runs: usize,
+    mut routine: impl FnMut(M) -> O,
+) -> f64 {
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| {
+            let copy = deep_copy(a);
+            device.sync().unwrap();
+            let start = Instant::now();
+            let out = routine(copy);
+            device.sync().unwrap();
+            let elapsed = start.elapsed().as_secs_f64();
+            drop(black_box(out));
+            elapsed
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[runs / 2]
+}
+
+/// The consuming and allocating merges of the GPT-2-small pair in both walk orders, their
+/// peak memory, and the two-pass reference, in one run.
+fn in_place_figures(
+    name: &str,
+    device: &Device,
+    a: &Gpt2Small,
+    b: &Gpt2Small,
+    merger: &SlerpMerger,
+) {
+    let params = a.num_params() as u64;
+    // Peak memory of the consuming merge first: `a`'s copy is all it may use.
+    let copy = deep_copy(a);
+    if let Some((before, _)) = memory(true) {
+        let merged = merger.merge_into(copy, b).unwrap();
+        if let Some((_, peak)) = memory(false) {
+            println!(
+                "memory gpt2_small {name}: merge_into adds {:.1} MB at peak (inputs {:.1} MB \
+                 each)",
+                (peak as f64 - before as f64) / 1e6,
+                (params * 4) as f64 / 1e6
+            );
+        }
+        drop(merged);
+    }
+    let runs = 7;
+    let into_s = median_consuming_s(device, a, runs, |copy| merger.merge_into(copy, b).unwrap());
+    let into_per_tensor_s = median_consuming_s(device, a, runs, |copy| {
+        merger
+            .merge_in_order(copy, b, WalkOrder::PerTensor, true)
+            .unwrap()
+    });
+    let merge_s = median_s(device, runs, || merger.merge(a, b).unwrap());
+    let merge_first_s = median_s(device, runs, || {
+        merger
+            .merge_in_order(a.clone(), b, WalkOrder::StatisticsFirst, false)
+            .unwrap()
+    });
+    let (ha, hb) = (host_tensors(a), host_tensors(b));
+    let mut out: Vec<Vec<f32>> = ha.iter().map(|t| vec![0.0; t.len()]).collect();
+    let reference_s = median_s(device, runs, || {
+        reference_two_pass(&ha, &hb, &mut out, 0.5);
+        black_box(&out);
+    });
+    println!(
+        "inplace gpt2_small {name}: merge_into {into_s:.4} s (statistics first; tensor by tensor \
+         {into_per_tensor_s:.4} s), merge {merge_s:.4} s (statistics first {merge_first_s:.4} s), \
+         reference {reference_s:.4} s; merge_into / reference {:.2}, merge / reference {:.2}",
+        into_s / reference_s,
+        merge_s / reference_s
+    );
+}
+
+/// `BENCH_ONLY=files` or `BENCH_ONLY=memory` runs one half of the bench.
+fn only(part: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |only| only == part)
+}
+
 fn bench_merge(c: &mut Criterion) {
+    if !only("memory") {
+        return;
+    }
     let merger = SlerpMerger::new(SlerpConfig::new(0.5)).unwrap();
     for (name, device) in devices() {
         let (a, b) = (gpt2_small(&device), gpt2_small(&device));
@@ -267,18 +374,11 @@ fn bench_merge(c: &mut Criterion) {
         let merge_s = median_s(&device, 7, || merger.merge(&a, &b).unwrap());
         summary("gpt2_small", name, params as usize, merge_s);
         if name != "wgpu" {
-            // The floor on the same shapes and values, in the same run.
-            let (ha, hb) = (host_tensors(&a), host_tensors(&b));
-            let mut out: Vec<Vec<f32>> = ha.iter().map(|t| vec![0.0; t.len()]).collect();
-            let reference_s = median_s(&device, 7, || {
-                reference_two_pass(&ha, &hb, &mut out, 0.5);
-                black_box(&out);
-            });
-            println!(
-                "reference gpt2_small {name}: two-pass into preallocated outputs {reference_s:.4} s; \
-                 merge / reference {:.2}",
-                merge_s / reference_s
-            );
+            in_place_figures(name, &device, &a, &b, &merger);
+        } else {
+            let into_s =
+                median_consuming_s(&device, &a, 7, |copy| merger.merge_into(copy, &b).unwrap());
+            println!("inplace gpt2_small wgpu: merge_into {into_s:.4} s, merge {merge_s:.4} s");
         }
         drop((a, b));
 
@@ -307,5 +407,185 @@ fn bench_merge(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_merge);
+/// The file merge of a GPT-2-small-shaped safetensors pair against `cp` on the same filesystem.
+#[cfg(feature = "cli")]
+mod files {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::Instant;
+
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::tensor::Tensor;
+    use safetensors::tensor::{Dtype, TensorView};
+
+    /// Every float tensor of `module` with its dotted path, shape and little-endian bytes.
+    fn named_tensors<M: Module>(module: &M) -> Vec<(String, Vec<usize>, Vec<u8>)> {
+        #[derive(Default)]
+        struct Collect {
+            path: Vec<String>,
+            out: Vec<(String, Vec<usize>, Vec<u8>)>,
+        }
+        impl ModuleVisitor for Collect {
+            fn enter_module(&mut self, name: &str, _: &str) {
+                self.path.push(name.to_string());
+            }
+            fn exit_module(&mut self, _: &str, _: &str) {
+                self.path.pop();
+            }
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                let t = param.val();
+                let bytes = t
+                    .to_data()
+                    .iter::<f32>()
+                    .flat_map(f32::to_le_bytes)
+                    .collect();
+                self.out
+                    .push((self.path.join("."), t.dims().to_vec(), bytes));
+            }
+        }
+        let mut collect = Collect::default();
+        module.visit(&mut collect);
+        collect.out
+    }
+
+    fn write<M: Module>(module: &M, path: &Path) {
+        let tensors = named_tensors(module);
+        let views = tensors.iter().map(|(name, shape, bytes)| {
+            (
+                name.clone(),
+                TensorView::new(Dtype::F32, shape.clone(), bytes).unwrap(),
+            )
+        });
+        safetensors::serialize_to_file(views, None, path).unwrap();
+    }
+
+    /// `(user, system)` CPU seconds of this process's finished children so far.
+    fn children_cpu() -> (f64, f64) {
+        // SAFETY: `getrusage` fills the zeroed struct it is given.
+        let usage = unsafe {
+            let mut usage: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+            usage
+        };
+        let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        (s(usage.ru_utime), s(usage.ru_stime))
+    }
+
+    /// `RssAnon` of process `pid`, in bytes (0 once it is gone).
+    fn rss_anon(pid: u32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("RssAnon:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// One timed child process: wall, user and system seconds, and its peak `RssAnon` (sampled
+    /// every millisecond).
+    fn run(command: &mut Command) -> (f64, f64, f64, u64) {
+        let (u0, s0) = children_cpu();
+        let start = Instant::now();
+        let mut child = command.spawn().unwrap();
+        let pid = child.id();
+        let peak = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let (peak, done) = (Arc::clone(&peak), Arc::clone(&done));
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    peak.fetch_max(rss_anon(pid), Ordering::Relaxed);
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            })
+        };
+        let status = child.wait().unwrap();
+        let wall = start.elapsed().as_secs_f64();
+        done.store(true, Ordering::Relaxed);
+        sampler.join().unwrap();
+        assert!(status.success(), "{command:?}");
+        let (u1, s1) = children_cpu();
+        (wall, u1 - u0, s1 - s0, peak.load(Ordering::Relaxed))
+    }
+
+    fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    }
+
+    pub fn figures<M: Module>(a: &M, b: &M, largest_bytes: u64) {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-files");
+        std::fs::create_dir_all(&dir).unwrap();
+        let (pa, pb, out) = (
+            dir.join("a.safetensors"),
+            dir.join("b.safetensors"),
+            dir.join("out.safetensors"),
+        );
+        write(a, &pa);
+        write(b, &pb);
+        // Dirty pages left by the previous write are flushed (untimed) before each timed one,
+        // so that neither `cp` nor the merge is throttled by the other's writeback.
+        let settle = |out: &Path| {
+            let _ = std::fs::remove_file(out);
+            let _ = Command::new("sync").status();
+        };
+        let runs = 5;
+        let (mut merge, mut cp) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            // Alternating, so that both see the same page cache.
+            settle(&out);
+            cp.push(run(Command::new("cp")
+                .arg("--reflink=never")
+                .arg(&pa)
+                .arg(&out)));
+            settle(&out);
+            merge.push(run(Command::new(env!("CARGO_BIN_EXE_burn-slerp"))
+                .arg("merge")
+                .arg(&pa)
+                .arg(&pb)
+                .arg("-o")
+                .arg(&out)
+                .args(["-t", "0.5", "-q"])));
+        }
+        let pick = |v: &[(f64, f64, f64, u64)], k: usize| -> f64 {
+            median(v.iter().map(|r| [r.0, r.1, r.2, r.3 as f64][k]).collect())
+        };
+        let (wall, user, system) = (pick(&merge, 0), pick(&merge, 1), pick(&merge, 2));
+        let peak = merge.iter().map(|r| r.3).max().unwrap_or(0);
+        let cp_wall = pick(&cp, 0);
+        let file = std::fs::metadata(&pa).unwrap().len();
+        println!(
+            "files gpt2_small: burn-slerp merge wall {wall:.3} s (user {user:.3} s, system \
+             {system:.3} s, system / wall {:.2}); cp --reflink=never {cp_wall:.3} s (system \
+             {:.3} s); merge / cp {:.2}; peak anonymous {:.1} MB (largest tensor {:.1} MB in \
+             f32; 3x + 64 MB = {:.1} MB); file {:.1} MB",
+            system / wall,
+            pick(&cp, 2),
+            wall / cp_wall,
+            peak as f64 / 1e6,
+            largest_bytes as f64 / 1e6,
+            (3 * largest_bytes + 64_000_000) as f64 / 1e6,
+            file as f64 / 1e6
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(feature = "cli")]
+fn bench_files(_: &mut Criterion) {
+    if !only("files") {
+        return;
+    }
+    let device = Device::flex();
+    let (a, b) = (gpt2_small(&device), gpt2_small(&device));
+    let largest = host_tensors(&a).iter().map(|t| t.len()).max().unwrap() as u64 * 4;
+    files::figures(&a, &b, largest);
+}
+
+#[cfg(not(feature = "cli"))]
+fn bench_files(_: &mut Criterion) {}
+
+criterion_group!(benches, bench_merge, bench_files);
 criterion_main!(benches);

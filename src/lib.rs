@@ -91,6 +91,8 @@ pub use interpolate::slerp_generic;
 #[doc(hidden)]
 pub use kernels::storage_address;
 pub use module::SlerpMerger;
+#[doc(hidden)]
+pub use module::WalkOrder;
 pub use module::mean::{MeanStats, SphericalMean};
 pub use numerics::{Branch, LerpReason};
 pub use report::{

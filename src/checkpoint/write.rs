@@ -107,9 +107,9 @@ impl Writing {
         });
     }
 
-    /// Computes one output tensor and hands its bytes to `emit`, borrowed: from the input's
-    /// memory map when it is copied as it is, from the buffers the merge reuses from tensor to
-    /// tensor otherwise.
+    /// Computes one output tensor and hands its bytes to `emit`, in order, in one or more
+    /// pieces, borrowed: from the input's memory map when it is copied as it is, from the
+    /// buffers the merge reuses from tensor to tensor otherwise.
     fn produce(
         &self,
         tensor: &OutputTensor,
@@ -192,14 +192,30 @@ impl Writing {
             .iter()
             .flat_map(|c| [c.c0 as f32, c.c1 as f32])
             .collect();
-        out.resize(n, 0.0);
-        kernels::cpu::combine_into(out, xa, xb, &flat);
+        // Combined and written block by block: the block stays in cache between the two, and
+        // the merge's own memory is one block, whatever the tensor.
+        if out.len() < BLOCK.min(n) {
+            out.resize(BLOCK.min(n), 0.0);
+        }
+        let cols = n / rows;
+        let mut start = 0;
+        while start < n {
+            let block = &mut out[..BLOCK.min(n - start)];
+            if !kernels::cpu::combine_range(block, xa, xb, start, cols, &flat) {
+                return Some(Err(does_not_fit(name, tensor.dtype)));
+            }
+            let written = match encode_f32(tensor.dtype, block, bytes) {
+                Some(encoded) => emit(encoded),
+                None => Err(does_not_fit(name, tensor.dtype)),
+            };
+            if let Err(e) = written {
+                return Some(Err(e));
+            }
+            start += block.len();
+        }
         summary.path = name.clone();
         lock(&self.stats).push((tensor.index, summary));
-        Some(match encode_f32(tensor.dtype, out, bytes) {
-            Some(encoded) => emit(encoded),
-            None => Err(does_not_fit(name, tensor.dtype)),
-        })
+        Some(Ok(()))
     }
 
     /// The merge of one tensor through Burn tensors on the options' device: f64 tensors,
@@ -251,16 +267,19 @@ impl Writing {
     fn compute(&self, tensor: &OutputTensor) -> Result<Vec<u8>, CheckpointError> {
         let mut owned = Vec::new();
         self.produce(tensor, &mut |bytes| {
-            owned = bytes.to_vec();
+            owned.extend_from_slice(bytes);
             Ok(())
         })?;
         Ok(owned)
     }
 }
 
+/// Values combined and written at a time by the file merge (2 MiB of f32).
+const BLOCK: usize = 1 << 19;
+
 /// The buffers the file merge reuses from tensor to tensor: inputs widened to f32 (when they
-/// cannot be read in place), the merged values, and their encoding. Each grows to the largest
-/// tensor that needs it, once.
+/// cannot be read in place; each grows to the largest tensor that needs it, once), one block
+/// of merged values, and its encoding.
 #[derive(Default)]
 struct Scratch {
     a: Vec<f32>,
@@ -405,11 +424,9 @@ fn write_safetensors(
             header.len()
         )));
     }
-    let file = OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .open(path)
-        .map_err(io)?;
+    // Created empty and exclusively beforehand: opened without truncating (on ext4 a truncated
+    // file is flushed to disk when it is closed).
+    let file = OpenOptions::new().write(true).open(path).map_err(io)?;
     let mut file = BufWriter::with_capacity(1 << 20, file);
     file.write_all(&(header.len() as u64).to_le_bytes())
         .map_err(io)?;
@@ -417,7 +434,7 @@ fn write_safetensors(
     for tensor in order {
         let mut length = 0;
         writing.produce(tensor, &mut |bytes| {
-            length = bytes.len();
+            length += bytes.len();
             file.write_all(bytes).map_err(io)
         })?;
         assert_eq!(length, tensor.byte_len, "{}: bytes as planned", tensor.name);

@@ -267,17 +267,49 @@ pub(crate) fn combine_in_place<E: Lane>(a: &mut [E], b: &[E], coefficients: &[f3
     });
 }
 
-/// `c0·a + c1·b` into `out`, a buffer of `a`'s length (reused from tensor to tensor by the
-/// file merge): the same bits as [`combine_slices`].
+/// Elements `start .. start + out.len()` of `c0·a + c1·b` into `out` (a block the file merge
+/// reuses from block to block), with `(c0, c1)` per row of `cols` elements: the same bits as
+/// [`combine_slices`]. Returns whether every value written is finite, found in the same pass.
 #[cfg_attr(not(feature = "cli"), allow(dead_code))]
-pub(crate) fn combine_into<E: Lane>(out: &mut [E], a: &[E], b: &[E], coefficients: &[f32]) {
-    assert_eq!(out.len(), a.len(), "combine: inconsistent lengths");
-    for_each_row(out, b, coefficients, |o, start, y, c0, c1| {
-        let x = &a[start..start + o.len()];
-        for ((o, x), y) in o.iter_mut().zip(x).zip(y) {
-            *o = mix(*x, *y, c0, c1);
-        }
-    });
+pub(crate) fn combine_range(
+    out: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    start: usize,
+    cols: usize,
+    coefficients: &[f32],
+) -> bool {
+    let end = start + out.len();
+    assert!(
+        end <= a.len()
+            && a.len() == b.len()
+            && cols > 0
+            && a.len() / cols * 2 == coefficients.len(),
+        "combine: inconsistent lengths"
+    );
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .map(|(k, o)| {
+            let mut i = start + k * CHUNK;
+            let mut o = o;
+            // Without a branch per value (NaN fails the comparison too).
+            let mut ok = true;
+            while !o.is_empty() {
+                // The part of this chunk in row `i / cols`.
+                let row = i / cols;
+                let take = ((row + 1) * cols - i).min(o.len());
+                let (head, tail) = o.split_at_mut(take);
+                let (c0, c1) = (coefficients[2 * row], coefficients[2 * row + 1]);
+                for ((o, x), y) in head.iter_mut().zip(&a[i..i + take]).zip(&b[i..i + take]) {
+                    *o = mix(*x, *y, c0, c1);
+                    ok &= o.abs() <= f32::MAX;
+                }
+                o = tail;
+                i += take;
+            }
+            ok
+        })
+        .reduce(|| true, |x, y| x && y)
 }
 
 /// Asks the kernel to back the buffer's spare capacity with transparent huge pages, where the
