@@ -33,6 +33,9 @@ pub struct MergeProgress<'p> {
     pub bytes_total: u64,
 }
 
+/// A progress callback that may borrow for `'a`.
+type OnProgress<'a> = Box<dyn FnMut(&MergeProgress<'_>) + 'a>;
+
 /// What a long in-memory merge tells its caller, and how the caller stops it: a progress
 /// callback, called after each float tensor of each pass, and a cancellation flag, read
 /// before each tensor.
@@ -68,7 +71,7 @@ pub struct MergeProgress<'p> {
 /// ```
 #[derive(Default)]
 pub struct MergeControl<'a> {
-    on_progress: Option<Box<dyn FnMut(&MergeProgress<'_>) + 'a>>,
+    on_progress: Option<OnProgress<'a>>,
     cancel: Option<&'a AtomicBool>,
 }
 

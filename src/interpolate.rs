@@ -382,7 +382,7 @@ pub(crate) enum Prepared {
     Host(Vec<Coefficients>),
     /// The `[rows, 8]` buffer the CubeCL combine reads its coefficients from.
     #[cfg(feature = "wgpu")]
-    Device(Tensor<2>),
+    Device(Box<Tensor<2>>),
 }
 
 /// The statistics pass of one pair strictly between the endpoints (callers take `t = 0` and
@@ -422,7 +422,8 @@ pub(crate) fn prepare<const D: usize>(
                 t: config.t,
                 per_row: split.per_row,
             };
-            return Some((Prepared::Device(prepared), Some(Summary::OnDevice(stats))));
+            let prepared = Prepared::Device(Box::new(prepared));
+            return Some((prepared, Some(Summary::OnDevice(stats))));
         }
         Route::Cpu => {
             let fused = PairStats::triples(&kernels::cpu::stats(a.clone(), b.clone(), rows));
@@ -489,7 +490,7 @@ pub(crate) fn apply<const D: usize>(pair: Pair<D>, prepared: Prepared) -> Tensor
     let out = match prepared {
         Prepared::Empty => return a.cast(out_dtype),
         #[cfg(feature = "wgpu")]
-        Prepared::Device(prepared) => kernels::cubecl::apply(a, b, prepared),
+        Prepared::Device(prepared) => kernels::cubecl::apply(a, b, *prepared),
         Prepared::Host(coeffs) if route == Route::Cpu => {
             let flat = coeffs
                 .iter()

@@ -27,7 +27,10 @@
 //!
 //! * [`SlerpConfig`]: `t`, [`Granularity`], [`Method`], `dot_threshold`, `eps` (a Burn
 //!   [`Config`](burn::config::Config): builder and JSON).
-//! * [`SlerpMerger`]: validates the configuration once, then [`SlerpMerger::merge`]s modules.
+//! * [`SlerpMerger`]: validates the configuration once, then [`SlerpMerger::merge`]s modules,
+//!   or [`SlerpMerger::merge_into`] the first one: written over its own tensors, no memory
+//!   beyond the two models, every error handing it back untouched ([`MergeIntoError`]).
+//! * [`MergeControl`]: progress reports ([`MergeProgress`]) and cancellation for long merges.
 //! * [`slerp`]: the same contract for one pair of tensors.
 //! * [`MergeError`]: every refusal, naming the parameter.
 //! * [`TensorStats`]: what [`SlerpMerger::merge_with_stats`] computed for each tensor (norms,

@@ -185,7 +185,7 @@ impl SphericalMean {
     /// number of models.
     pub fn merge<M: Module>(&self, models: &[&M]) -> Result<(M, Vec<MeanStats>), MergeError> {
         let Some((first, others)) = models.split_first() else {
-            return Err(self.validate(0).err().expect("no weights for no models"));
+            return Err(self.validate(0).expect_err("no weights for no models"));
         };
         self.run(Model::Borrowed(*first), others)
             .map_err(|(e, _)| e)
