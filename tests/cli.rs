@@ -1099,8 +1099,21 @@ fn sharded_output_follows_the_input_shards() {
         }
     }
     assert_eq!(written["metadata"]["total_size"], total);
-    // Nothing else in the folder, no temporary folder beside it.
-    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 3);
+    // A sharded folder is a model folder: the shards, the index and the model card (A has no
+    // config or tokenizer to copy); nothing else, no temporary folder beside it.
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let mut want = vec![
+        "README.md",
+        "model.safetensors.index.json",
+        files[0],
+        files[1],
+    ];
+    want.sort();
+    assert_eq!(names, want);
     assert_no_partial(&dir);
 }
 

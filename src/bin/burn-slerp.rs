@@ -3,12 +3,16 @@
 //! ```text
 //! burn-slerp merge A B -o OUT [-t 0.5 | --recipe recipe.json] [--device flex|ndarray|wgpu]
 //!                      [--granularity tensor|row] [--mergekit] [--out-dtype f32|f16|bf16]
-//!                      [--union | --intersection] [--dry-run] [--report report.json] [--quiet]
+//!                      [--union | --intersection] [--base BASE] [--tokenizer-source a|b]
+//!                      [--dry-run] [--report report.json] [--quiet]
 //! burn-slerp inspect A [B]
 //! ```
 //!
-//! A and B are `.safetensors` files, Hugging Face sharded folders or `.bpk` burnpack files; OUT
-//! is a `.safetensors` or `.bpk` file, or a folder for a sharded checkpoint.
+//! A and B are `.safetensors` files, Hugging Face model folders (one `model.safetensors`,
+//! sharded safetensors, `pytorch_model.bin` alone or sharded), PyTorch files (`.bin`, `.pt`,
+//! `.pth`), `.bpk` burnpack files, or models in the local Hugging Face cache (`org/name`,
+//! `org/name@revision`); OUT is a `.safetensors` or `.bpk` file, or a folder (a loadable model
+//! folder when an input is one).
 //!
 //! Exit codes: 0 success, 1 merge, input or I/O error, 2 usage error, 130 interrupted.
 
@@ -19,8 +23,8 @@ use std::process::ExitCode;
 use burn::config::Config;
 use burn::tensor::Device;
 use burn_slerp::checkpoint::{
-    CheckpointError, FileMerge, OutDType, Pairing, Progress, compare_files, inspect, merge_files,
-    plan_files, shapes,
+    CheckpointError, FileMerge, OutDType, Pairing, Progress, TokenizerSource, compare_files,
+    inspect, merge_files, plan_files, shapes,
 };
 use burn_slerp::{Granularity, SlerpConfig};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -38,7 +42,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Merge A and B (`.safetensors`, sharded folders, `.bpk`) into OUT, one tensor at a time.
+    /// Merge A and B (files, model folders, hub-cache names) into OUT, one tensor at a time.
     Merge {
         /// The checkpoint at t = 0.
         a: PathBuf,
@@ -77,6 +81,12 @@ enum Command {
         /// Write the merge report as JSON to this file.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// A base checkpoint: task-vector SLERP, `base + slerp(A − base, B − base, t)`.
+        #[arg(long)]
+        base: Option<PathBuf>,
+        /// Whose tokenizer files a model-folder output gets.
+        #[arg(long, value_enum, default_value_t = TokenizerArg::A)]
+        tokenizer_source: TokenizerArg,
         /// Print nothing but errors.
         #[arg(short, long)]
         quiet: bool,
@@ -101,6 +111,12 @@ enum DeviceArg {
 enum GranularityArg {
     Tensor,
     Row,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TokenizerArg {
+    A,
+    B,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -305,6 +321,8 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
             intersection,
             dry_run,
             report,
+            base,
+            tokenizer_source,
             quiet,
         } => {
             let mut config = match (&recipe, t) {
@@ -338,6 +356,11 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
                 OutDTypeArg::Bf16 => OutDType::BF16,
             });
             options.cancel = Some(cancel);
+            options.base = base;
+            options.tokenizer_source = match tokenizer_source {
+                TokenizerArg::A => TokenizerSource::A,
+                TokenizerArg::B => TokenizerSource::B,
+            };
             let plan = plan_files(&a, &b, &output, &options)?;
             if dry_run {
                 print(format_args!("{plan}"))?;

@@ -14,6 +14,8 @@
 
 mod convert;
 mod error;
+mod folder;
+mod hub;
 mod options;
 mod plan;
 mod read;
@@ -28,7 +30,7 @@ use crate::config::SlerpConfig;
 use crate::report::{MergePlan, MergeReport, PlanEntry};
 use crate::schedule::Assignment;
 pub use error::CheckpointError;
-pub use options::{FileMerge, OutDType, Pairing, Progress};
+pub use options::{FileMerge, OutDType, Pairing, Progress, TokenizerSource};
 pub use plan::output_format;
 use plan::{Origin, OutputTensor, Plan, is_float};
 pub use read::{Checkpoint, Format};
@@ -59,13 +61,28 @@ fn checked(
     b: &Path,
     out: &Path,
     options: &FileMerge,
-) -> Result<(Checkpoint, Checkpoint, Format, Plan), CheckpointError> {
+) -> Result<(write::Inputs, Format, Plan), CheckpointError> {
     options.check_cancel()?;
     let output = output_format(out)?;
     let (ca, cb) = open_pair(a, b, Some(out))?;
+    let base = match &options.base {
+        Some(base) => {
+            let cbase = Checkpoint::open(base)?;
+            if cbase.files().iter().any(|f| write::same_file(f, out)) {
+                return Err(CheckpointError::OverwritesInput {
+                    path: out.to_path_buf(),
+                });
+            }
+            Some(cbase)
+        }
+        None => None,
+    };
     write::check_output(out, output)?;
     let plan = plan::plan(&ca, &cb, options, output)?;
-    Ok((ca, cb, output, plan))
+    if let Some(base) = &base {
+        plan::check_base(&plan, base)?;
+    }
+    Ok(((ca, cb, base), output, plan))
 }
 
 /// The dry run of [`merge_files`]: every check, and what each merged tensor would get.
@@ -80,7 +97,7 @@ pub fn plan_files(
     out: &Path,
     options: &FileMerge,
 ) -> Result<MergePlan, CheckpointError> {
-    let (_, _, _, plan) = checked(a, b, out, options)?;
+    let (_, _, plan) = checked(a, b, out, options)?;
     let entries = plan
         .tensors
         .into_iter()
@@ -122,10 +139,11 @@ pub fn merge_files(
     options: &FileMerge,
     progress: impl FnMut(Progress<'_>) + Send + 'static,
 ) -> Result<MergeReport, CheckpointError> {
-    let (ca, cb, output, plan) = checked(a, b, out, options)?;
+    let (inputs, output, plan) = checked(a, b, out, options)?;
+    let names = (a.display().to_string(), b.display().to_string());
     write::write(
-        ca,
-        cb,
+        inputs,
+        (&names.0, &names.1),
         plan.tensors,
         out,
         output,

@@ -1,6 +1,7 @@
 //! What a file merge is asked to do ([`FileMerge`], [`Pairing`], [`OutDType`]) and what it
 //! reports as it goes ([`Progress`]).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -32,6 +33,27 @@ pub enum OutDType {
     BF16,
 }
 
+impl OutDType {
+    /// Burn's dtype.
+    pub(crate) fn dtype(self) -> burn::tensor::DType {
+        match self {
+            OutDType::F32 => burn::tensor::DType::F32,
+            OutDType::F16 => burn::tensor::DType::F16,
+            OutDType::BF16 => burn::tensor::DType::BF16,
+        }
+    }
+}
+
+/// Which input's tokenizer files a merged model folder gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TokenizerSource {
+    /// A's (the default).
+    #[default]
+    A,
+    /// B's.
+    B,
+}
+
 /// Options of [`merge_files`](super::merge_files).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -47,6 +69,11 @@ pub struct FileMerge {
     /// Set it (from a signal handler, another thread, …) to stop the merge at the next tensor;
     /// the merge then fails with [`CheckpointError::Interrupted`] and leaves nothing behind.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// A base checkpoint: the merge is then task-vector SLERP,
+    /// `base + slerp(a − base, b − base, t)`, with `base` paired and checked against A as B is.
+    pub base: Option<PathBuf>,
+    /// Whose tokenizer files a model-folder output gets.
+    pub tokenizer_source: TokenizerSource,
 }
 
 impl FileMerge {
@@ -58,6 +85,8 @@ impl FileMerge {
             pairing: Pairing::Strict,
             out_dtype: None,
             cancel: None,
+            base: None,
+            tokenizer_source: TokenizerSource::A,
         }
     }
 

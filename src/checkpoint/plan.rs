@@ -189,12 +189,7 @@ pub(super) fn plan(
         };
         let tensor = if is_float(da) && is_float(db) {
             let assignment = resolver.resolve(name, positions[name.as_str()]);
-            let dtype = match options.out_dtype {
-                Some(OutDType::F32) => DType::F32,
-                Some(OutDType::F16) => DType::F16,
-                Some(OutDType::BF16) => DType::BF16,
-                None => da,
-            };
+            let dtype = options.out_dtype.map_or(da, OutDType::dtype);
             if dtype == DType::F64 && !options.device.supports_dtype(DType::F64) {
                 return Err(unsupported(
                     name,
@@ -246,4 +241,42 @@ pub(super) fn plan(
     }
     let warnings = resolver.unused("tensor");
     Ok(Plan { tensors, warnings })
+}
+
+/// The base of a task-vector merge against the plan: every merged tensor is in it, with A's
+/// shape and a float dtype.
+pub(super) fn check_base(plan: &Plan, base: &Checkpoint) -> Result<(), CheckpointError> {
+    let refuse = |message: String| CheckpointError::Format {
+        path: base.path().to_path_buf(),
+        message,
+    };
+    let mut missing = Vec::new();
+    for tensor in &plan.tensors {
+        if !matches!(tensor.origin, Origin::Merge(_)) {
+            continue;
+        }
+        let Some(entry) = base.entry(&tensor.name) else {
+            missing.push(tensor.name.clone());
+            continue;
+        };
+        if entry.shape != tensor.shape {
+            return Err(refuse(format!(
+                "the base's tensor `{}` has shape {:?}, A's has {:?}",
+                tensor.name, entry.shape, tensor.shape
+            )));
+        }
+        if !entry.dtype.is_some_and(is_float) {
+            return Err(refuse(format!(
+                "the base's tensor `{}` is {}, not a float tensor",
+                tensor.name, entry.label
+            )));
+        }
+    }
+    if !missing.is_empty() {
+        return Err(refuse(format!(
+            "the base lacks tensors A and B merge: [{}]",
+            missing.join(", ")
+        )));
+    }
+    Ok(())
 }

@@ -1,8 +1,12 @@
-//! Reading checkpoints: `.safetensors` files (memory-mapped), Hugging Face sharded folders, and
-//! Burn's `.bpk` burnpack files (file-backed, each tensor read from disk when it is needed).
+//! Reading checkpoints: `.safetensors` files (memory-mapped), Hugging Face model folders
+//! (`model.safetensors`, sharded safetensors with their index, `pytorch_model.bin` alone or
+//! sharded), PyTorch files (`.bin`, `.pt`, `.pth`), Burn's `.bpk` burnpack files (file-backed,
+//! each tensor read from disk when it is needed), and models in the local Hugging Face cache.
 //!
 //! Nothing here parses a binary format: safetensors files are validated by the `safetensors`
-//! crate, burnpack files by burn-store's reader, index files by serde_json.
+//! crate, burnpack files by burn-store's reader, PyTorch files by burn-store's PyTorch reader
+//! (the pickle stream parsed in Rust, only tensors rebuilt, no Python), index files by
+//! serde_json.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -11,6 +15,7 @@ use std::ops::Deref;
 use std::path::{Path, PathBuf};
 
 use burn::store::burn_pack::{self, Bytes, Reader, Scalar};
+use burn::store::{ModuleStore, PytorchStore};
 use burn::tensor::DType;
 use memmap2::Mmap;
 use safetensors::tensor::{Metadata, SafeTensors};
@@ -20,6 +25,14 @@ use super::error::CheckpointError;
 
 /// The index file of a Hugging Face sharded checkpoint.
 pub(crate) const INDEX: &str = "model.safetensors.index.json";
+/// The weights file of a Hugging Face model folder with one file.
+pub(crate) const SINGLE: &str = "model.safetensors";
+/// The index file of a sharded PyTorch checkpoint.
+const PYTORCH_INDEX: &str = "pytorch_model.bin.index.json";
+/// The weights file of an older model folder with one PyTorch file.
+const PYTORCH_SINGLE: &str = "pytorch_model.bin";
+/// What a model folder is searched for, in this order.
+const FOLDER_WEIGHTS: [&str; 4] = [INDEX, SINGLE, PYTORCH_INDEX, PYTORCH_SINGLE];
 
 /// The on-disk format of a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +43,9 @@ pub enum Format {
     Sharded,
     /// A Burn burnpack file (`.bpk`).
     Burnpack,
+    /// A PyTorch checkpoint (`.bin`, `.pt`, `.pth`, or shards with `pytorch_model.bin.index.json`):
+    /// read only, never written.
+    Pytorch,
 }
 
 /// One tensor of a checkpoint, as its file describes it.
@@ -69,12 +85,21 @@ enum Storage {
         metadata: BTreeMap<String, String>,
         scalars: BTreeMap<String, Scalar>,
     },
+    /// Tensors rebuilt by burn-store's PyTorch reader, each read when it is needed.
+    Pytorch {
+        /// In the order of the entries.
+        tensors: Vec<burn_pack::Tensor>,
+        /// The shard files, as the index names them (one for a single file).
+        files: Vec<String>,
+    },
 }
 
 /// A checkpoint opened for merging: a `.safetensors` file, a Hugging Face sharded checkpoint (a
 /// folder with `model.safetensors.index.json`, or that index file) or a `.bpk` burnpack file.
 pub struct Checkpoint {
     path: PathBuf,
+    /// The model folder it was found in (config, tokenizer), when it was given as one.
+    folder: Option<PathBuf>,
     format: Format,
     entries: Vec<Entry>,
     by_name: HashMap<String, usize>,
@@ -164,18 +189,64 @@ impl Shard {
 
 impl Checkpoint {
     /// Opens and validates a checkpoint: every header, dtype and offset; for a sharded one, also
-    /// that each tensor the index names is in its shard. A file is read as burnpack when its
-    /// name ends in `.bpk` or it starts with burnpack's magic number, as safetensors otherwise.
+    /// that each tensor the index names is in its shard.
+    ///
+    /// `path` is a file, a model folder, or a model in the local Hugging Face cache
+    /// (`org/name`, `org/name@revision`; see the README). A model folder is read from the first
+    /// of `model.safetensors.index.json`, `model.safetensors`, `pytorch_model.bin.index.json`
+    /// and `pytorch_model.bin` it holds. A file is read as burnpack when its name ends in
+    /// `.bpk` or it starts with burnpack's magic number, as PyTorch when it ends in `.bin`,
+    /// `.pt` or `.pth`, as an index when it ends in `.index.json`, as safetensors otherwise.
     ///
     /// # Errors
     ///
-    /// [`CheckpointError::Io`] or [`CheckpointError::Format`], naming the file.
+    /// [`CheckpointError::Io`] or [`CheckpointError::Format`], naming the file (for a folder
+    /// holding no checkpoint, what was looked for; for a hub name, where it was looked up).
     pub fn open(path: &Path) -> Result<Self, CheckpointError> {
+        let resolved = super::hub::resolve(path)?;
+        let path = resolved.as_path();
         if path.is_dir() {
-            return Self::open_sharded(path, &path.join(INDEX));
+            let Some(file) = FOLDER_WEIGHTS.iter().find(|f| path.join(f).is_file()) else {
+                return Err(format_error(
+                    path,
+                    format!(
+                        "a folder holding no checkpoint (looked for {})",
+                        FOLDER_WEIGHTS.join(", ")
+                    ),
+                ));
+            };
+            let mut checkpoint = Self::open_file(&path.join(file))?;
+            checkpoint.folder = Some(path.to_path_buf());
+            return Ok(checkpoint);
         }
-        if path.to_string_lossy().ends_with(".index.json") {
+        Self::open_file(path)
+    }
+
+    fn open_file(path: &Path) -> Result<Self, CheckpointError> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.ends_with(".bin.index.json") {
+            return Self::open_pytorch_sharded(path);
+        }
+        if name.ends_with(".index.json") {
             return Self::open_sharded(path, path);
+        }
+        if path
+            .extension()
+            .is_some_and(|e| e == "bin" || e == "pt" || e == "pth")
+        {
+            let (tensors, entries) = read_pytorch(path, 0, |_| true)?;
+            return Ok(Self::new(
+                path,
+                Format::Pytorch,
+                entries,
+                Storage::Pytorch {
+                    tensors,
+                    files: vec![name],
+                },
+            ));
         }
         let mut magic = [0u8; 4];
         let is_burnpack = path.extension().is_some_and(|e| e == "bpk")
@@ -185,10 +256,6 @@ impl Checkpoint {
         if is_burnpack {
             return Self::open_burnpack(path);
         }
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
         let shard = Shard::open(path, name)?;
         let entries = shard.entries(0, |_| true);
         Ok(Self::new(
@@ -202,37 +269,29 @@ impl Checkpoint {
         ))
     }
 
-    fn open_sharded(path: &Path, index: &Path) -> Result<Self, CheckpointError> {
-        let text = std::fs::read_to_string(index).map_err(io(index))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| format_error(index, format!("not a valid index file: {e}")))?;
-        let map = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| format_error(index, "no `weight_map` object"))?;
-        let index_metadata = match json.get("metadata") {
-            None | Some(serde_json::Value::Null) => Default::default(),
-            Some(serde_json::Value::Object(m)) => m.clone(),
-            Some(_) => return Err(format_error(index, "`metadata` is not an object")),
-        };
+    fn open_pytorch_sharded(index: &Path) -> Result<Self, CheckpointError> {
+        let (files, wanted, _) = read_index(index)?;
         let dir = index.parent().unwrap_or(Path::new("."));
-        let mut files: Vec<String> = Vec::new();
-        let mut wanted: HashMap<String, String> = HashMap::new();
-        for (name, file) in map {
-            let file = file
-                .as_str()
-                .ok_or_else(|| format_error(index, format!("`{name}` maps to a non-string")))?;
-            if Path::new(file).components().count() != 1 {
-                return Err(format_error(
-                    index,
-                    format!("`{name}` maps to `{file}`, which is not a file name in the folder"),
-                ));
-            }
-            if !files.iter().any(|f| f == file) {
-                files.push(file.to_string());
-            }
-            wanted.insert(name.clone(), file.to_string());
+        let (mut tensors, mut entries) = (Vec::new(), Vec::new());
+        for (i, file) in files.iter().enumerate() {
+            let (t, e) = read_pytorch(&dir.join(file), i, |name| {
+                wanted.get(name).is_some_and(|f| f == file)
+            })?;
+            tensors.extend(t);
+            entries.extend(e);
         }
+        missing_from_shards(index, &entries, &wanted)?;
+        Ok(Self::new(
+            index,
+            Format::Pytorch,
+            entries,
+            Storage::Pytorch { tensors, files },
+        ))
+    }
+
+    fn open_sharded(path: &Path, index: &Path) -> Result<Self, CheckpointError> {
+        let (files, wanted, index_metadata) = read_index(index)?;
+        let dir = index.parent().unwrap_or(Path::new("."));
         let mut shards = Vec::with_capacity(files.len());
         let mut entries = Vec::new();
         for (i, file) in files.iter().enumerate() {
@@ -240,22 +299,7 @@ impl Checkpoint {
             entries.extend(shard.entries(i, |name| wanted.get(name).is_some_and(|f| f == file)));
             shards.push(shard);
         }
-        if entries.len() != wanted.len() {
-            let found: HashSet<&str> = entries.iter().map(|e| e.name.as_str()).collect();
-            let mut lost: Vec<String> = wanted
-                .iter()
-                .filter(|(n, _)| !found.contains(n.as_str()))
-                .map(|(n, f)| format!("{n} (in {f})"))
-                .collect();
-            lost.sort();
-            return Err(format_error(
-                index,
-                format!(
-                    "tensors named by the index are missing from their shard: {}",
-                    lost.join(", ")
-                ),
-            ));
-        }
+        missing_from_shards(index, &entries, &wanted)?;
         Ok(Self::new(
             path,
             Format::Sharded,
@@ -312,6 +356,7 @@ impl Checkpoint {
             .collect();
         Self {
             path: path.to_path_buf(),
+            folder: None,
             format,
             entries,
             by_name,
@@ -335,9 +380,15 @@ impl Checkpoint {
         self.format
     }
 
-    /// The path it was opened from.
+    /// The path it was opened from (the weights file or index, for a model folder).
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The model folder it was found in, when it was given as one (a folder, or a model of the
+    /// Hugging Face cache): where its `config.json` and tokenizer files are.
+    pub fn folder(&self) -> Option<&Path> {
+        self.folder.as_deref()
     }
 
     /// Key/value metadata: a safetensors file's `__metadata__` (the first shard's), or a
@@ -349,6 +400,7 @@ impl Checkpoint {
                 .and_then(|s| s.metadata.metadata().clone())
                 .unwrap_or_default(),
             Storage::Burnpack { metadata, .. } => metadata.clone().into_iter().collect(),
+            Storage::Pytorch { .. } => HashMap::new(),
         }
     }
 
@@ -368,6 +420,17 @@ impl Checkpoint {
                 .map(|s| (s.file.clone(), s.metadata.metadata().clone()))
                 .collect(),
             Storage::Burnpack { .. } => vec![(String::new(), Some(self.metadata()))],
+            // Written as safetensors: `pytorch_model-00001-of-00002.bin` becomes
+            // `model-00001-of-00002.safetensors`.
+            Storage::Pytorch { files, .. } if files.len() > 1 => files
+                .iter()
+                .map(|f| {
+                    let stem = f.strip_suffix(".bin").unwrap_or(f);
+                    let stem = stem.strip_prefix("pytorch_").unwrap_or(stem);
+                    (format!("{stem}.safetensors"), None)
+                })
+                .collect(),
+            Storage::Pytorch { .. } => vec![(String::new(), None)],
         }
     }
 
@@ -375,7 +438,7 @@ impl Checkpoint {
     pub(crate) fn index_metadata(&self) -> serde_json::Map<String, serde_json::Value> {
         match &self.storage {
             Storage::Safetensors { index_metadata, .. } => index_metadata.clone(),
-            Storage::Burnpack { .. } => Default::default(),
+            Storage::Burnpack { .. } | Storage::Pytorch { .. } => Default::default(),
         }
     }
 
@@ -383,13 +446,25 @@ impl Checkpoint {
     pub(crate) fn scalars(&self) -> BTreeMap<String, Scalar> {
         match &self.storage {
             Storage::Burnpack { scalars, .. } => scalars.clone(),
-            Storage::Safetensors { .. } => BTreeMap::new(),
+            Storage::Safetensors { .. } | Storage::Pytorch { .. } => BTreeMap::new(),
         }
     }
 
     /// Every file the checkpoint is made of.
     pub(crate) fn files(&self) -> Vec<PathBuf> {
+        let mut files = self.weight_files();
+        files.extend(self.folder.clone());
+        files
+    }
+
+    fn weight_files(&self) -> Vec<PathBuf> {
+        let dir = self.path.parent().unwrap_or(Path::new(".")).to_path_buf();
         match (&self.storage, self.format) {
+            (Storage::Pytorch { files, .. }, _) if files.len() > 1 => {
+                let mut all: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+                all.push(self.path.clone());
+                all
+            }
             (Storage::Safetensors { shards, .. }, Format::Sharded) => {
                 let dir = if self.path.is_dir() {
                     self.path.clone()
@@ -412,11 +487,118 @@ impl Checkpoint {
             Storage::Safetensors { shards, .. } => {
                 Ok(Data::Mapped(shards[self.entries[i].shard].bytes(name)))
             }
-            Storage::Burnpack { tensors, .. } => {
+            Storage::Burnpack { tensors, .. } | Storage::Pytorch { tensors, .. } => {
                 tensors[i].to_bytes().map(Data::Read).map_err(|e| {
                     format_error(&self.path, format!("tensor `{name}` cannot be read: {e}"))
                 })
             }
         }
     }
+}
+
+/// The shard files an index names, in first-mention order, each tensor's file, and the index's
+/// `metadata` object.
+#[allow(clippy::type_complexity)]
+fn read_index(
+    index: &Path,
+) -> Result<
+    (
+        Vec<String>,
+        HashMap<String, String>,
+        serde_json::Map<String, serde_json::Value>,
+    ),
+    CheckpointError,
+> {
+    let text = std::fs::read_to_string(index).map_err(io(index))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format_error(index, format!("not a valid index file: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| format_error(index, "no `weight_map` object"))?;
+    let index_metadata = match json.get("metadata") {
+        None | Some(serde_json::Value::Null) => Default::default(),
+        Some(serde_json::Value::Object(m)) => m.clone(),
+        Some(_) => return Err(format_error(index, "`metadata` is not an object")),
+    };
+    let mut files: Vec<String> = Vec::new();
+    let mut wanted: HashMap<String, String> = HashMap::new();
+    for (name, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| format_error(index, format!("`{name}` maps to a non-string")))?;
+        if Path::new(file).components().count() != 1 {
+            return Err(format_error(
+                index,
+                format!("`{name}` maps to `{file}`, which is not a file name in the folder"),
+            ));
+        }
+        if !files.iter().any(|f| f == file) {
+            files.push(file.to_string());
+        }
+        wanted.insert(name.clone(), file.to_string());
+    }
+    Ok((files, wanted, index_metadata))
+}
+
+/// An error naming every tensor the index names that its shard does not hold.
+fn missing_from_shards(
+    index: &Path,
+    entries: &[Entry],
+    wanted: &HashMap<String, String>,
+) -> Result<(), CheckpointError> {
+    if entries.len() == wanted.len() {
+        return Ok(());
+    }
+    let found: HashSet<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+    let mut lost: Vec<String> = wanted
+        .iter()
+        .filter(|(n, _)| !found.contains(n.as_str()))
+        .map(|(n, f)| format!("{n} (in {f})"))
+        .collect();
+    lost.sort();
+    Err(format_error(
+        index,
+        format!(
+            "tensors named by the index are missing from their shard: {}",
+            lost.join(", ")
+        ),
+    ))
+}
+
+/// The tensors of one PyTorch file that `keep` keeps (sorted by name), with their entries in
+/// shard `shard`: names and layouts as stored (no index renumbering, no transposition).
+fn read_pytorch(
+    path: &Path,
+    shard: usize,
+    keep: impl Fn(&str) -> bool,
+) -> Result<(Vec<burn_pack::Tensor>, Vec<Entry>), CheckpointError> {
+    if !path.is_file() {
+        return Err(CheckpointError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        });
+    }
+    let mut store = PytorchStore::from_file(path).map_indices_contiguous(false);
+    let all = store
+        .get_all_tensors()
+        .map_err(|e| format_error(path, format!("not a readable PyTorch checkpoint: {e}")))?;
+    let tensors: Vec<burn_pack::Tensor> = all
+        .iter()
+        .filter(|(name, _)| keep(name))
+        .map(|(_, t)| t.clone())
+        .collect();
+    let entries = tensors
+        .iter()
+        .map(|t| Entry {
+            name: t.name.clone(),
+            dtype: Some(t.dtype),
+            label: label(t.dtype),
+            shape: t.shape.to_vec(),
+            shard,
+            param_id: None,
+            bytes: t.byte_len(),
+        })
+        .collect();
+    Ok((tensors, entries))
 }

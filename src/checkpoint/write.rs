@@ -19,13 +19,15 @@ use super::convert::{
     convert, encode, encode_f32, f32_values, label, to_f32, to_f64, to_safetensors,
 };
 use super::error::CheckpointError;
+use super::folder::write_model_files;
 use super::options::{FileMerge, Progress};
 use super::plan::{Origin, OutputTensor};
-use super::read::{Checkpoint, Format, INDEX};
+use super::read::{Checkpoint, Format, INDEX, SINGLE};
 use crate::config::SlerpConfig;
 use crate::error::MergeError;
 use crate::interpolate::{compute_dtype, finish, slerp_with_stats, trusted, vectors};
 use crate::kernels;
+use crate::module::task_vector::task_vector_slerp_with_stats;
 use crate::numerics::PairStats;
 use crate::report::MergeReport;
 use crate::stats::TensorStats;
@@ -33,11 +35,16 @@ use crate::stats::TensorStats;
 /// Called after each tensor is written.
 pub(super) type OnProgress = Box<dyn FnMut(Progress<'_>) + Send>;
 
+/// A, B and the base of a task-vector merge.
+pub(super) type Inputs = (Checkpoint, Checkpoint, Option<Checkpoint>);
+
 /// What the tensors being written share: the inputs, the options, and what the writers
 /// collect as they ask for each tensor's bytes.
 struct Writing {
     a: Checkpoint,
     b: Checkpoint,
+    /// The base of a task-vector merge.
+    base: Option<Checkpoint>,
     options: FileMerge,
     /// The statistics of each merged tensor, with its index in the output's order.
     stats: Mutex<Vec<(usize, TensorStats)>>,
@@ -61,16 +68,11 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Writing {
-    fn new(
-        a: Checkpoint,
-        b: Checkpoint,
-        options: FileMerge,
-        total: usize,
-        progress: OnProgress,
-    ) -> Self {
+    fn new((a, b, base): Inputs, options: FileMerge, total: usize, progress: OnProgress) -> Self {
         Self {
             a,
             b,
+            base,
             options,
             stats: Mutex::new(Vec::new()),
             progress: Mutex::new(Counter {
@@ -85,6 +87,11 @@ impl Writing {
 
     /// The statistics of the merged tensors, in the output's order, whatever order the writer
     /// asked for them in.
+    /// Whether an input is a model folder, so that a folder output is one too.
+    fn model_folder(&self) -> bool {
+        self.a.folder().is_some() || self.b.folder().is_some()
+    }
+
     fn report(&self) -> MergeReport {
         let mut stats = std::mem::take(&mut *lock(&self.stats));
         stats.sort_by_key(|(index, _)| *index);
@@ -136,8 +143,10 @@ impl Writing {
             return emit(&converted);
         }
         let config = self.options.config.clone().with_t(t).with_schedule(None);
+        // The host path is plain SLERP; task vectors take the tensor path.
         if compute_dtype(tensor.dtype) == Some(FloatDType::F32)
             && kernels::is_cpu(&self.options.device)
+            && self.base.is_none()
         {
             let mut scratch = lock(&self.scratch);
             if let Some(result) = self.merge_on_host(tensor, &config, &mut scratch, emit) {
@@ -240,6 +249,7 @@ impl Writing {
             Ok(Tensor::from_data(values, (device, compute.into())))
         };
         let (a, b) = (load(&self.a)?, load(&self.b)?);
+        let base = self.base.as_ref().map(load).transpose()?;
         let merge_error = |e: MergeError| match e {
             MergeError::NonFinite { .. } => CheckpointError::NonFinite {
                 name: name.clone(),
@@ -248,14 +258,22 @@ impl Writing {
             other => CheckpointError::Merge(other),
         };
         // Row granularity needs the rows: [rows, rest] as stored.
-        let (out, stats) = if tensor.shape.len() >= 2 {
-            let rows = tensor.shape[0].max(1);
-            let (a2, b2) = (a.reshape([rows, n / rows]), b.reshape([rows, n / rows]));
-            let (out, stats) = slerp_with_stats(a2, b2, config).map_err(merge_error)?;
-            (out.reshape([n]), stats)
+        let rows = if tensor.shape.len() >= 2 {
+            tensor.shape[0].max(1)
         } else {
-            slerp_with_stats(a, b, config).map_err(merge_error)?
+            1
         };
+        let shape = [rows, n / rows.max(1)];
+        let (a2, b2) = (a.reshape(shape), b.reshape(shape));
+        let (out, stats) = match base {
+            Some(base) => task_vector_slerp_with_stats(base.reshape(shape), a2, b2, config),
+            None if rows > 1 => slerp_with_stats(a2, b2, config),
+            // A 1-D tensor stays 1-D: a single row is the whole tensor either way.
+            None => slerp_with_stats(a2.reshape([n]), b2.reshape([n]), config)
+                .map(|(out, stats)| (out.reshape(shape), stats)),
+        }
+        .map_err(merge_error)?;
+        let out = out.reshape([n]);
         if let Some(mut stats) = stats {
             stats.path = name.clone();
             lock(&self.stats).push((tensor.index, stats));
@@ -456,6 +474,19 @@ fn write_sharded(
 ) -> Result<(), CheckpointError> {
     let shards = writing.a.shards();
     let single = shards.len() == 1 && writing.a.format() != Format::Sharded;
+    if single && writing.model_folder() {
+        // A model folder whose weights are one file: `model.safetensors`, as `save_pretrained`
+        // writes it, without an index.
+        let path = dir.join(SINGLE);
+        File::create_new(&path).map_err(|source| CheckpointError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let chosen: Vec<&OutputTensor> = tensors.iter().collect();
+        let metadata = shards.into_iter().next().and_then(|(_, m)| m);
+        let metadata = metadata.filter(|m| !m.is_empty());
+        return write_safetensors(writing, &chosen, metadata, &path, out);
+    }
     let mut weight_map = serde_json::Map::new();
     let mut total = 0usize;
     for (i, (file, metadata)) in shards.into_iter().enumerate() {
@@ -548,7 +579,7 @@ pub(super) fn angles(
     tensors: &[OutputTensor],
     options: FileMerge,
 ) -> Result<MergeReport, CheckpointError> {
-    let writing = Writing::new(a, b, options, tensors.len(), Box::new(|_| {}));
+    let writing = Writing::new((a, b, None), options, tensors.len(), Box::new(|_| {}));
     for tensor in tensors {
         writing.compute(tensor)?;
     }
@@ -557,16 +588,23 @@ pub(super) fn angles(
 
 /// Computes and writes every tensor into `out` in `format`, through a temporary file or folder
 /// beside it that is renamed into place only when complete.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn write(
-    a: Checkpoint,
-    b: Checkpoint,
+    inputs: Inputs,
+    names: (&str, &str),
     tensors: Vec<OutputTensor>,
     out: &Path,
     format: Format,
     options: &FileMerge,
     progress: OnProgress,
 ) -> Result<MergeReport, CheckpointError> {
-    let writing = Arc::new(Writing::new(a, b, options.clone(), tensors.len(), progress));
+    let out_dtype = options.out_dtype.map(|d| d.dtype());
+    let writing = Arc::new(Writing::new(
+        inputs,
+        options.clone(),
+        tensors.len(),
+        progress,
+    ));
     let temp = create_temp(out, format == Format::Sharded)?;
     let written = match format {
         Format::Safetensors => {
@@ -574,8 +612,23 @@ pub(super) fn write(
             let metadata = Some(writing.a.metadata()).filter(|m| !m.is_empty());
             write_safetensors(&writing, &chosen, metadata, &temp, out)
         }
-        Format::Sharded => write_sharded(&writing, &tensors, &temp, out),
+        Format::Sharded => write_sharded(&writing, &tensors, &temp, out).and_then(|()| {
+            if !writing.model_folder() {
+                return Ok(());
+            }
+            let recipe = serde_json::to_string_pretty(&options.config).unwrap_or_default();
+            write_model_files(
+                &temp,
+                writing.a.folder(),
+                writing.b.folder(),
+                out_dtype,
+                options,
+                names,
+                &recipe,
+            )
+        }),
         Format::Burnpack => write_burnpack(&writing, tensors, &temp, out),
+        Format::Pytorch => unreachable!("never an output format"),
     };
     let remove = |path: &Path| {
         let _ = if path.is_dir() {

@@ -3,7 +3,7 @@
 //! ([`task_vector`]) and the spherical mean of N models ([`mean`]) use the same walk.
 
 pub(crate) mod mean;
-mod task_vector;
+pub(crate) mod task_vector;
 mod walk;
 
 use std::collections::HashMap;

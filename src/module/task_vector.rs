@@ -65,3 +65,33 @@ pub(crate) fn apply_task_vectors<const D: usize>(
     let out = apply(Pair::new(da, db, KernelChoice::Fused), prepared);
     base.add(out).cast(dtype)
 }
+
+/// [`interpolate_task_vectors`] with the checks of [`crate::slerp`] and the statistics read:
+/// what the file merge calls for each tensor when it has a base.
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
+pub(crate) fn task_vector_slerp_with_stats<const D: usize>(
+    base: Tensor<D>,
+    a: Tensor<D>,
+    b: Tensor<D>,
+    config: &SlerpConfig,
+) -> Result<(Tensor<D>, Option<crate::stats::TensorStats>), crate::error::MergeError> {
+    use crate::interpolate::{TensorInfo, check_pair, read_summaries};
+    config.validate()?;
+    check_pair("", &TensorInfo::of(&a), &TensorInfo::of(&b))?;
+    check_pair("", &TensorInfo::of(&a), &TensorInfo::of(&base))?;
+    let non_finite = || crate::error::MergeError::NonFinite {
+        path: String::new(),
+    };
+    let Interpolated::Done(out, summary) = interpolate_task_vectors(base, a, b, config) else {
+        return Err(non_finite());
+    };
+    let stats = match summary {
+        Some(summary) => Some(
+            read_summaries(vec![summary])
+                .remove(0)
+                .ok_or_else(non_finite)?,
+        ),
+        None => None,
+    };
+    Ok((out, stats))
+}

@@ -1,0 +1,812 @@
+//! Hugging Face model folders, PyTorch checkpoints and the local hub cache on the command line,
+//! end to end: every input layout, the errors, the loadable output folder, and `--base`.
+//! Expected values are literals (the PyTorch fixtures, made once by
+//! `tests/fixtures/pytorch/make.py`) or f64 references written here.
+
+#[allow(dead_code, unused_imports)]
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use half::bf16;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+/// A scratch folder per test, removed when the test passes.
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn scratch(name: &str) -> Scratch {
+    let dir =
+        std::env::temp_dir().join(format!("burn-slerp-folders-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    Scratch(dir)
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/pytorch")
+        .join(name)
+}
+
+fn run(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_burn-slerp"));
+    command.args(args);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().unwrap()
+}
+
+fn succeeds(args: &[&str]) -> Output {
+    let o = run(args, &[]);
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    o
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Name → (dtype, shape, bytes) of a safetensors file.
+fn tensors(path: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    file.tensors()
+        .into_iter()
+        .map(|(name, t)| (name, (t.dtype(), t.shape().to_vec(), t.data().to_vec())))
+        .collect()
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f64> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+        .collect()
+}
+
+fn bf16s(bytes: &[u8]) -> Vec<f64> {
+    bytes
+        .chunks_exact(2)
+        .map(|c| bf16::from_le_bytes(c.try_into().unwrap()).to_f64())
+        .collect()
+}
+
+/// The fixtures' values, as `make.py` writes them: A's `w[k] = k/8 − 0.5`, B's
+/// `w[k] = (11 − k)/16 − 0.25`, `wt` the transpose, `w_tied` the same storage as `w`.
+fn fixture_w(a: bool) -> Vec<f64> {
+    (0..12)
+        .map(|k| {
+            let k = k as f64;
+            if a {
+                k / 8.0 - 0.5
+            } else {
+                (11.0 - k) / 16.0 - 0.25
+            }
+        })
+        .collect()
+}
+
+fn transposed(w: &[f64]) -> Vec<f64> {
+    // [3, 4] → [4, 3].
+    (0..4)
+        .flat_map(|j| (0..3).map(move |i| (i, j)))
+        .map(|(i, j)| w[4 * i + j])
+        .collect()
+}
+
+fn fixture_h(a: bool) -> Vec<f64> {
+    if a {
+        vec![1.5, -2.25, 0.125]
+    } else {
+        vec![0.75, 1.0, -0.5]
+    }
+}
+
+/// Every PyTorch layout of A: the file (zip and legacy formats), a folder with
+/// `pytorch_model.bin`, and a folder of two shards with `pytorch_model.bin.index.json`.
+fn pytorch_layouts(dir: &Path) -> Vec<PathBuf> {
+    let single = dir.join("pt-folder");
+    std::fs::create_dir_all(&single).unwrap();
+    std::fs::copy(fixture("a.pt"), single.join("pytorch_model.bin")).unwrap();
+    let sharded = dir.join("pt-sharded");
+    std::fs::create_dir_all(&sharded).unwrap();
+    let shards = [
+        "pytorch_model-00001-of-00002.bin",
+        "pytorch_model-00002-of-00002.bin",
+    ];
+    std::fs::copy(fixture("a-00001-of-00002.bin"), sharded.join(shards[0])).unwrap();
+    std::fs::copy(fixture("a-00002-of-00002.bin"), sharded.join(shards[1])).unwrap();
+    let index = serde_json::json!({
+        "metadata": {"total_size": 160},
+        "weight_map": {
+            "w": shards[0], "wt": shards[0], "w_tied": shards[0],
+            "h": shards[1], "step": shards[1],
+        }
+    });
+    std::fs::write(
+        sharded.join("pytorch_model.bin.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    vec![fixture("a.pt"), fixture("a_legacy.pt"), single, sharded]
+}
+
+#[test]
+fn pytorch_checkpoints_read_as_their_values() {
+    let dir = scratch("pytorch");
+    let mut merged_files = Vec::new();
+    for (i, a) in pytorch_layouts(&dir).into_iter().enumerate() {
+        // t = 0 writes A's tensors as they are: the values torch saved, layouts included.
+        let out = dir.join(format!("copy-{i}.safetensors"));
+        succeeds(&[
+            "merge",
+            s(&a),
+            s(&fixture("b.bin")),
+            "-o",
+            s(&out),
+            "-t",
+            "0",
+            "-q",
+        ]);
+        let got = tensors(&out);
+        let w = fixture_w(true);
+        assert_eq!(got["w"].1, [3, 4], "{}", a.display());
+        assert_eq!(f32s(&got["w"].2), w, "{}", a.display());
+        assert_eq!(got["wt"].1, [4, 3]);
+        assert_eq!(
+            f32s(&got["wt"].2),
+            transposed(&w),
+            "the transposed view, in its order"
+        );
+        assert_eq!(f32s(&got["w_tied"].2), w, "tied storage read twice");
+        assert_eq!(got["h"].0, Dtype::BF16);
+        assert_eq!(bf16s(&got["h"].2), fixture_h(true));
+        assert_eq!(got["step"].0, Dtype::I64);
+        assert_eq!(got["step"].2, 7i64.to_le_bytes());
+
+        // t = 0.3 against the f64 reference of the literals.
+        let out = dir.join(format!("merged-{i}.safetensors"));
+        succeeds(&[
+            "merge",
+            s(&a),
+            s(&fixture("b.bin")),
+            "-o",
+            s(&out),
+            "-t",
+            "0.3",
+            "-q",
+        ]);
+        let got = tensors(&out);
+        let want = common::reference(&w, &fixture_w(false), 0.3, 1e-8, None);
+        let err = common::rel_l2(
+            &f32s(&got["w"].2)
+                .iter()
+                .map(|v| *v as f32)
+                .collect::<Vec<_>>(),
+            &want,
+        );
+        assert!(err <= 1e-6, "w: relative error {err:e}");
+        let want_h = common::reference(&fixture_h(true), &fixture_h(false), 0.3, 1e-8, None);
+        for (g, w) in bf16s(&got["h"].2).iter().zip(&want_h) {
+            assert!((g - w).abs() <= w.abs() / 128.0 + 1e-6, "h: {g} vs {w}");
+        }
+        merged_files.push(std::fs::read(&out).unwrap());
+    }
+    // Every layout of the same tensors gives the same file.
+    assert!(merged_files.windows(2).all(|w| w[0] == w[1]));
+}
+
+/// A safetensors checkpoint of [`model`] tensors, as the safetensors crate writes it.
+fn write(path: &Path, seed: u64) {
+    let specs = spec(seed);
+    let bytes: Vec<Vec<u8>> = specs
+        .iter()
+        .map(|(_, v)| v.iter().flat_map(|x| (*x as f32).to_le_bytes()).collect())
+        .collect();
+    let views = specs.iter().zip(&bytes).map(|((name, _), b)| {
+        let shape = if name.ends_with("weight") {
+            vec![4, 6]
+        } else {
+            vec![24]
+        };
+        (
+            name.to_string(),
+            TensorView::new(Dtype::F32, shape, b).unwrap(),
+        )
+    });
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+fn spec(seed: u64) -> Vec<(&'static str, Vec<f64>)> {
+    let values = |s: u64| -> Vec<f64> {
+        let mut x = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..24)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect()
+    };
+    vec![
+        ("model.layers.0.weight", values(seed)),
+        ("model.layers.1.weight", values(seed + 1)),
+        ("model.norm.bias", values(seed + 2)),
+    ]
+}
+
+/// A model folder as `save_pretrained` lays it out, with the files a merged folder copies and
+/// one it must not (`training_args.bin`).
+fn model_folder(dir: &Path, name: &str, seed: u64, tokenizer: &str) -> PathBuf {
+    let folder = dir.join(name);
+    std::fs::create_dir_all(folder.join("additional_chat_templates")).unwrap();
+    write(&folder.join("model.safetensors"), seed);
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "torch_dtype": "float32",
+        "hidden_size": 6,
+        "auto_map": {"AutoModel": "modeling_custom.CustomModel"},
+    });
+    std::fs::write(
+        folder.join("config.json"),
+        serde_json::to_string_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        folder.join("generation_config.json"),
+        "{\"do_sample\": false}\n",
+    )
+    .unwrap();
+    std::fs::write(folder.join("modeling_custom.py"), "# custom code\n").unwrap();
+    std::fs::write(folder.join("tokenizer.json"), tokenizer).unwrap();
+    std::fs::write(
+        folder.join("tokenizer_config.json"),
+        "{\"model_max_length\": 8}",
+    )
+    .unwrap();
+    std::fs::write(folder.join("special_tokens_map.json"), "{}").unwrap();
+    std::fs::write(
+        folder.join("additional_chat_templates/tool.jinja"),
+        "{{ x }}",
+    )
+    .unwrap();
+    std::fs::write(folder.join("training_args.bin"), b"not for the output").unwrap();
+    folder
+}
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = walk(dir, dir);
+    names.sort();
+    names
+}
+
+fn walk(root: &Path, dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(root, &path));
+        } else {
+            out.push(
+                path.strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn model_folders_in_give_loadable_folders_out() {
+    let dir = scratch("folders");
+    let a = model_folder(&dir, "a", 1, "{\"tokenizer\": \"A\"}");
+    let b = model_folder(&dir, "b", 10, "{\"tokenizer\": \"B\"}");
+    // The file-to-file merge of the same weights, for the bits.
+    let flat = dir.join("flat.safetensors");
+    succeeds(&[
+        "merge",
+        s(&a.join("model.safetensors")),
+        s(&b.join("model.safetensors")),
+        "-o",
+        s(&flat),
+        "-t",
+        "0.4",
+        "--out-dtype",
+        "bf16",
+        "-q",
+    ]);
+    let out = dir.join("merged");
+    succeeds(&[
+        "merge",
+        s(&a),
+        s(&b),
+        "-o",
+        s(&out),
+        "-t",
+        "0.4",
+        "--out-dtype",
+        "bf16",
+        "-q",
+    ]);
+    assert_eq!(
+        listing(&out),
+        [
+            "README.md",
+            "additional_chat_templates/tool.jinja",
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "modeling_custom.py",
+            "special_tokens_map.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ],
+        "A's files, the weights and the card; nothing else"
+    );
+    assert!(std::fs::read(out.join("model.safetensors")).unwrap() == std::fs::read(&flat).unwrap());
+    for file in [
+        "generation_config.json",
+        "modeling_custom.py",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "additional_chat_templates/tool.jinja",
+    ] {
+        assert_eq!(
+            std::fs::read(out.join(file)).unwrap(),
+            std::fs::read(a.join(file)).unwrap(),
+            "{file} is A's, byte for byte"
+        );
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["torch_dtype"], "bfloat16", "the output dtype");
+    assert_eq!(config["hidden_size"], 6);
+    assert!(config.get("dtype").is_none());
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(
+        card.contains(s(&a)) && card.contains(s(&b)) && card.contains("\"t\": 0.4"),
+        "{card}"
+    );
+
+    // B's tokenizer on request; without --out-dtype the config is A's, byte for byte.
+    let out_b = dir.join("merged-b");
+    succeeds(&[
+        "merge",
+        s(&a),
+        s(&b),
+        "-o",
+        s(&out_b),
+        "-t",
+        "0.4",
+        "--tokenizer-source",
+        "b",
+        "-q",
+    ]);
+    assert_eq!(
+        std::fs::read(out_b.join("tokenizer.json")).unwrap(),
+        b"{\"tokenizer\": \"B\"}"
+    );
+    assert_eq!(
+        std::fs::read(out_b.join("config.json")).unwrap(),
+        std::fs::read(a.join("config.json")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(out_b.join("generation_config.json")).unwrap(),
+        std::fs::read(a.join("generation_config.json")).unwrap()
+    );
+
+    // A file output from folder inputs is the weights alone, as before.
+    let single = dir.join("single.safetensors");
+    succeeds(&[
+        "merge",
+        s(&a),
+        s(&b),
+        "-o",
+        s(&single),
+        "-t",
+        "0.4",
+        "--out-dtype",
+        "bf16",
+        "-q",
+    ]);
+    assert!(std::fs::read(&single).unwrap() == std::fs::read(&flat).unwrap());
+
+    // A sharded folder A: the same shards and an index, and A's other files.
+    let sharded = dir.join("a-sharded");
+    std::fs::create_dir_all(&sharded).unwrap();
+    for file in ["config.json", "tokenizer.json"] {
+        std::fs::copy(a.join(file), sharded.join(file)).unwrap();
+    }
+    let specs = spec(1);
+    let part = |names: &[&str], file: &str| {
+        let bytes: Vec<(String, Vec<u8>)> = specs
+            .iter()
+            .filter(|(n, _)| names.contains(n))
+            .map(|(n, v)| {
+                (
+                    n.to_string(),
+                    v.iter().flat_map(|x| (*x as f32).to_le_bytes()).collect(),
+                )
+            })
+            .collect();
+        let views = bytes.iter().map(|(n, b)| {
+            let shape = if n.ends_with("weight") {
+                vec![4, 6]
+            } else {
+                vec![24]
+            };
+            (n.clone(), TensorView::new(Dtype::F32, shape, b).unwrap())
+        });
+        safetensors::serialize_to_file(views, None, &sharded.join(file)).unwrap();
+    };
+    part(
+        &["model.layers.0.weight"],
+        "model-00001-of-00002.safetensors",
+    );
+    part(
+        &["model.layers.1.weight", "model.norm.bias"],
+        "model-00002-of-00002.safetensors",
+    );
+    let index = serde_json::json!({"metadata": {}, "weight_map": {
+        "model.layers.0.weight": "model-00001-of-00002.safetensors",
+        "model.layers.1.weight": "model-00002-of-00002.safetensors",
+        "model.norm.bias": "model-00002-of-00002.safetensors",
+    }});
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let out_s = dir.join("merged-sharded");
+    succeeds(&[
+        "merge",
+        s(&sharded),
+        s(&b),
+        "-o",
+        s(&out_s),
+        "-t",
+        "0.4",
+        "-q",
+    ]);
+    assert_eq!(
+        listing(&out_s),
+        [
+            "README.md",
+            "config.json",
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json",
+            "tokenizer.json",
+        ]
+    );
+    let flat32 = dir.join("flat32.safetensors");
+    succeeds(&[
+        "merge",
+        s(&a.join("model.safetensors")),
+        s(&b.join("model.safetensors")),
+        "-o",
+        s(&flat32),
+        "-t",
+        "0.4",
+        "-q",
+    ]);
+    let mut merged = tensors(&out_s.join("model-00001-of-00002.safetensors"));
+    merged.extend(tensors(&out_s.join("model-00002-of-00002.safetensors")));
+    assert_eq!(merged, tensors(&flat32));
+}
+
+#[test]
+fn folders_without_a_checkpoint_are_errors() {
+    let dir = scratch("folder-errors");
+    let (b, out) = (dir.join("b.safetensors"), dir.join("out.safetensors"));
+    write(&b, 2);
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = run(
+        &["merge", s(&empty), s(&b), "-o", s(&out), "-t", "0.5"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains(s(&empty))
+            && e.contains("model.safetensors.index.json, model.safetensors, pytorch_model.bin.index.json, pytorch_model.bin"),
+        "{e}"
+    );
+    // An index naming a shard that is not there.
+    let broken = dir.join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    let index = serde_json::json!({"weight_map": {"w": "model-00001-of-00002.safetensors"}});
+    std::fs::write(
+        broken.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let o = run(
+        &["merge", s(&broken), s(&b), "-o", s(&out), "-t", "0.5"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("model-00001-of-00002.safetensors"),
+        "{}",
+        stderr(&o)
+    );
+    // A PyTorch index naming a shard that is not there.
+    let broken_pt = dir.join("broken-pt");
+    std::fs::create_dir_all(&broken_pt).unwrap();
+    let index = serde_json::json!({"weight_map": {"w": "pytorch_model-00001-of-00002.bin"}});
+    std::fs::write(
+        broken_pt.join("pytorch_model.bin.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let o = run(
+        &["merge", s(&broken_pt), s(&b), "-o", s(&out), "-t", "0.5"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("pytorch_model-00001-of-00002.bin"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
+}
+
+/// A fake Hugging Face cache: `models--org--name/{refs,snapshots,blobs}`, snapshot files as
+/// relative symbolic links into `blobs/`, as `huggingface_hub` lays them out.
+#[cfg(unix)]
+fn fake_cache(cache: &Path, repo: &str, revisions: &[(&str, &str, u64)]) {
+    let model = cache.join(format!("models--{}", repo.replace('/', "--")));
+    std::fs::create_dir_all(model.join("blobs")).unwrap();
+    std::fs::create_dir_all(model.join("refs")).unwrap();
+    for (i, (reference, commit, seed)) in revisions.iter().enumerate() {
+        std::fs::write(model.join("refs").join(reference), commit).unwrap();
+        let snapshot = model.join("snapshots").join(commit);
+        std::fs::create_dir_all(&snapshot).unwrap();
+        let weights = model.join("blobs").join(format!("weights{i}"));
+        write(&weights, *seed);
+        let config = model.join("blobs").join(format!("config{i}"));
+        std::fs::write(
+            &config,
+            format!("{{\"torch_dtype\": \"float32\", \"seed\": {seed}}}"),
+        )
+        .unwrap();
+        for (link, blob) in [("model.safetensors", &weights), ("config.json", &config)] {
+            let target = Path::new("../../blobs").join(blob.file_name().unwrap());
+            std::os::unix::fs::symlink(target, snapshot.join(link)).unwrap();
+        }
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn hub_names_are_found_in_the_local_cache() {
+    let dir = scratch("hub");
+    let cache = dir.join("cache");
+    let main = "0123456789abcdef0123456789abcdef01234567";
+    let tagged = "fedcba9876543210fedcba9876543210fedcba98";
+    fake_cache(
+        &cache,
+        "org/model-a",
+        &[("main", main, 1), ("v1", tagged, 5)],
+    );
+    let b = dir.join("b.safetensors");
+    write(&b, 10);
+    let env = [("HF_HUB_CACHE", cache.as_path())];
+    let merge =
+        |a: &str, out: &Path| run(&["merge", a, s(&b), "-o", s(out), "-t", "0.5", "-q"], &env);
+    // By name (main), by tag, by commit: the snapshot each names.
+    let expect = |seed: u64, out: &Path| {
+        let reference = dir.join(format!("ref-{seed}.safetensors"));
+        let a = dir.join(format!("a-{seed}.safetensors"));
+        write(&a, seed);
+        succeeds(&[
+            "merge",
+            s(&a),
+            s(&b),
+            "-o",
+            s(&reference),
+            "-t",
+            "0.5",
+            "-q",
+        ]);
+        assert!(
+            std::fs::read(out.join("model.safetensors")).unwrap()
+                == std::fs::read(&reference).unwrap()
+        );
+        let config = std::fs::read_to_string(out.join("config.json")).unwrap();
+        assert!(config.contains(&format!("\"seed\": {seed}")), "{config}");
+        assert!(
+            !out.join("config.json").is_symlink(),
+            "the blob is copied, not the link"
+        );
+    };
+    for (name, seed) in [
+        ("org/model-a".to_string(), 1),
+        ("org/model-a@v1".to_string(), 5),
+        (format!("org/model-a@{main}"), 1),
+    ] {
+        let out = dir.join(format!("out-{}", name.replace(['/', '@'], "_")));
+        let o = merge(&name, &out);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        expect(seed, &out);
+    }
+    // HF_HOME/hub is looked at when HF_HUB_CACHE is not set.
+    let home = dir.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::rename(&cache, home.join("hub")).unwrap();
+    let out = dir.join("out-home");
+    let o = run(
+        &[
+            "merge",
+            "org/model-a",
+            s(&b),
+            "-o",
+            s(&out),
+            "-t",
+            "0.5",
+            "-q",
+        ],
+        &[("HF_HOME", home.as_path())],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    expect(1, &out);
+    let cache = home.join("hub");
+    let env = [("HF_HUB_CACHE", cache.as_path())];
+    // Not in the cache: where it looked; a revision that is not there: the snapshots there are.
+    let out = dir.join("never");
+    let o = run(
+        &["merge", "org/other", s(&b), "-o", s(&out), "-t", "0.5"],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains(s(&cache)) && stderr(&o).contains("nothing is downloaded"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(
+        &["merge", "org/model-a@v2", s(&b), "-o", s(&out), "-t", "0.5"],
+        &env,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("v2") && e.contains(main) && e.contains(tagged),
+        "{e}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn base_gives_task_vector_slerp() {
+    let dir = scratch("base");
+    let (a, b, base) = (
+        dir.join("a.safetensors"),
+        dir.join("b.safetensors"),
+        dir.join("base.safetensors"),
+    );
+    write(&a, 1);
+    write(&b, 10);
+    write(&base, 20);
+    let out = dir.join("out.safetensors");
+    succeeds(&[
+        "merge",
+        s(&a),
+        s(&b),
+        "--base",
+        s(&base),
+        "-o",
+        s(&out),
+        "-t",
+        "0.3",
+        "-q",
+    ]);
+    let got = tensors(&out);
+    let stored = |seed: u64| -> BTreeMap<&'static str, Vec<f64>> {
+        spec(seed)
+            .into_iter()
+            .map(|(n, v)| (n, v.iter().map(|x| *x as f32 as f64).collect()))
+            .collect()
+    };
+    let (sa, sb, sbase) = (stored(1), stored(10), stored(20));
+    for (name, (_, _, bytes)) in &got {
+        let (x, y, z) = (
+            &sa[name.as_str()],
+            &sb[name.as_str()],
+            &sbase[name.as_str()],
+        );
+        let da: Vec<f64> = x.iter().zip(z).map(|(x, z)| x - z).collect();
+        let db: Vec<f64> = y.iter().zip(z).map(|(y, z)| y - z).collect();
+        let want: Vec<f64> = common::reference(&da, &db, 0.3, 1e-8, None)
+            .iter()
+            .zip(z)
+            .map(|(d, z)| z + d)
+            .collect();
+        let got: Vec<f32> = f32s(bytes).iter().map(|v| *v as f32).collect();
+        let err = common::rel_l2(&got, &want);
+        assert!(err <= 1e-6, "{name}: relative error {err:e}");
+    }
+    // A base that lacks a tensor, or has another shape: refused, naming it.
+    let short = dir.join("short.safetensors");
+    let v: Vec<u8> = (0..24).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let views = [(
+        "model.layers.0.weight",
+        TensorView::new(Dtype::F32, vec![6, 4], &v).unwrap(),
+    )];
+    safetensors::serialize_to_file(views, None, &short).unwrap();
+    let o = run(
+        &[
+            "merge",
+            s(&a),
+            s(&b),
+            "--base",
+            s(&short),
+            "-o",
+            s(&out),
+            "-t",
+            "0.3",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("model.layers.0.weight") && stderr(&o).contains("[6, 4]"),
+        "{}",
+        stderr(&o)
+    );
+    let views = [(
+        "model.layers.0.weight",
+        TensorView::new(Dtype::F32, vec![4, 6], &v).unwrap(),
+    )];
+    safetensors::serialize_to_file(views, None, &short).unwrap();
+    let o = run(
+        &[
+            "merge",
+            s(&a),
+            s(&b),
+            "--base",
+            s(&short),
+            "-o",
+            s(&out),
+            "-t",
+            "0.3",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("model.layers.1.weight, model.norm.bias"),
+        "{}",
+        stderr(&o)
+    );
+}
