@@ -810,3 +810,156 @@ fn base_gives_task_vector_slerp() {
         stderr(&o)
     );
 }
+
+/// A checkpoint of one `[4, 6]` tensor `w` (f32) and one integer tensor.
+fn write_w(path: &Path, w: &[f64]) {
+    let bytes: Vec<u8> = w.iter().flat_map(|x| (*x as f32).to_le_bytes()).collect();
+    let step = 3i64.to_le_bytes();
+    let views = [
+        (
+            "w",
+            TensorView::new(Dtype::F32, vec![4, 6], &bytes).unwrap(),
+        ),
+        ("step", TensorView::new(Dtype::I64, vec![1], &step).unwrap()),
+    ];
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+fn norm(v: &[f64]) -> f64 {
+    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+#[test]
+fn mean_of_checkpoints_matches_the_closed_forms() {
+    let dir = scratch("mean");
+    let stored = |v: Vec<f64>| -> Vec<f64> { v.iter().map(|x| *x as f32 as f64).collect() };
+    let x: Vec<f64> = stored(spec(1)[0].1.clone());
+    // y with x's norm: for two models of equal norms, weights (1 − t, t) give the slerp.
+    let raw = spec(2)[0].1.clone();
+    let y: Vec<f64> = stored(raw.iter().map(|v| v * norm(&x) / norm(&raw)).collect());
+    let z: Vec<f64> = stored(spec(3)[0].1.clone());
+    let (a, b, c) = (
+        dir.join("a.safetensors"),
+        dir.join("b.safetensors"),
+        dir.join("c.safetensors"),
+    );
+    write_w(&a, &x);
+    write_w(&b, &y);
+    write_w(&c, &z);
+    let out = dir.join("two.safetensors");
+    succeeds(&[
+        "mean",
+        s(&a),
+        s(&b),
+        "--weights",
+        "0.7,0.3",
+        "-o",
+        s(&out),
+        "-q",
+    ]);
+    let got = tensors(&out);
+    let want = common::reference(&x, &y, 0.3, 1e-8, None);
+    let w: Vec<f32> = f32s(&got["w"].2).iter().map(|v| *v as f32).collect();
+    let err = common::rel_l2(&w, &want);
+    assert!(err <= 1e-6, "relative error {err:e}");
+    assert_eq!(
+        got["step"].2,
+        3i64.to_le_bytes(),
+        "integer tensors are the first input's"
+    );
+
+    // Three: the Karcher condition in f64 (Σ wᵢ log_m(uᵢ) = 0) and the weighted mean of norms.
+    let out = dir.join("three.safetensors");
+    let report = dir.join("mean.json");
+    succeeds(&[
+        "mean",
+        s(&a),
+        s(&b),
+        s(&c),
+        "--weights",
+        "0.5,0.3,0.2",
+        "-o",
+        s(&out),
+        "--report",
+        s(&report),
+        "-q",
+    ]);
+    let m = f32s(&tensors(&out)["w"].2);
+    let weights = [0.5, 0.3, 0.2];
+    let inputs = [&x, &y, &z];
+    let norm_mean: f64 = inputs.iter().zip(weights).map(|(v, w)| w * norm(v)).sum();
+    assert!((norm(&m) - norm_mean).abs() <= 1e-6 * norm_mean);
+    let unit: Vec<f64> = m.iter().map(|v| v / norm(&m)).collect();
+    let mut step = vec![0.0; unit.len()];
+    for (v, w) in inputs.iter().zip(weights) {
+        let u: Vec<f64> = v.iter().map(|x| x / norm(v)).collect();
+        let cos: f64 = u
+            .iter()
+            .zip(&unit)
+            .map(|(a, b)| a * b)
+            .sum::<f64>()
+            .clamp(-1.0, 1.0);
+        let theta = cos.acos();
+        let scale = if theta < 1e-12 {
+            1.0
+        } else {
+            theta / theta.sin()
+        };
+        for ((s, u), m) in step.iter_mut().zip(&u).zip(&unit) {
+            *s += w * scale * (u - cos * m);
+        }
+    }
+    assert!(
+        norm(&step) <= 1e-5,
+        "Karcher condition: |step| = {:e}",
+        norm(&step)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(json[0]["path"], "w");
+
+    // One weight per checkpoint; every input holds what the first two average.
+    let o = run(
+        &[
+            "mean",
+            s(&a),
+            s(&b),
+            s(&c),
+            "--weights",
+            "0.5,0.5",
+            "-o",
+            s(&out),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("2 weights for 3 checkpoints"),
+        "{}",
+        stderr(&o)
+    );
+    let lacking = dir.join("lacking.safetensors");
+    let step_bytes = 3i64.to_le_bytes();
+    let views = [(
+        "step",
+        TensorView::new(Dtype::I64, vec![1], &step_bytes).unwrap(),
+    )];
+    safetensors::serialize_to_file(views, None, &lacking).unwrap();
+    let o = run(
+        &[
+            "mean",
+            s(&a),
+            s(&b),
+            s(&lacking),
+            "-o",
+            s(&dir.join("x.safetensors")),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("input 3 lacks tensors A and B merge: [w]"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -5,6 +5,8 @@
 //!                      [--granularity tensor|row] [--mergekit] [--out-dtype f32|f16|bf16]
 //!                      [--union | --intersection] [--base BASE] [--tokenizer-source a|b]
 //!                      [--dry-run] [--report report.json] [--quiet]
+//! burn-slerp mean A B [C …] -o OUT [--weights 0.5,0.3,0.2] [--device …] [--out-dtype …]
+//!                     [--union | --intersection] [--dry-run] [--report report.json] [--quiet]
 //! burn-slerp inspect A [B]
 //! ```
 //!
@@ -24,9 +26,9 @@ use burn::config::Config;
 use burn::tensor::Device;
 use burn_slerp::checkpoint::{
     CheckpointError, FileMerge, OutDType, Pairing, Progress, TokenizerSource, compare_files,
-    inspect, merge_files, plan_files, shapes,
+    inspect, mean_files, merge_files, plan_files, plan_mean_files, shapes,
 };
-use burn_slerp::{Granularity, SlerpConfig};
+use burn_slerp::{Granularity, SlerpConfig, SphericalMean};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -85,6 +87,43 @@ enum Command {
         #[arg(long)]
         base: Option<PathBuf>,
         /// Whose tokenizer files a model-folder output gets.
+        #[arg(long, value_enum, default_value_t = TokenizerArg::A)]
+        tokenizer_source: TokenizerArg,
+        /// Print nothing but errors.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// The weighted spherical mean of two or more checkpoints into OUT, one tensor at a time.
+    Mean {
+        /// The checkpoints (files, model folders, hub-cache names); the first gives the
+        /// structure, the integer tensors and the model files.
+        #[arg(required = true, num_args = 2..)]
+        inputs: Vec<PathBuf>,
+        /// One weight per checkpoint, comma-separated (`0.5,0.3,0.2`); equal weights by default.
+        #[arg(long, value_delimiter = ',')]
+        weights: Option<Vec<f64>>,
+        /// The merged checkpoint: `.safetensors`, `.bpk`, or a folder.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Where the arithmetic runs.
+        #[arg(long, value_enum, default_value_t = DeviceArg::Flex)]
+        device: DeviceArg,
+        /// dtype of merged float tensors (default: the first input's).
+        #[arg(long, value_enum)]
+        out_dtype: Option<OutDTypeArg>,
+        /// Copy tensors present in one of the first two inputs only from that input.
+        #[arg(long, conflicts_with = "intersection")]
+        union: bool,
+        /// Write only the tensors present in every input.
+        #[arg(long)]
+        intersection: bool,
+        /// Check everything and print the tensors to average; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Write what the mean computed per tensor as JSON to this file.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Whose tokenizer files a model-folder output gets: the first input's or the second's.
         #[arg(long, value_enum, default_value_t = TokenizerArg::A)]
         tokenizer_source: TokenizerArg,
         /// Print nothing but errors.
@@ -258,8 +297,136 @@ fn device(arg: DeviceArg) -> Result<Device, Failure> {
     }
 }
 
+/// The progress callback of a file merge: a bar on a terminal, a line per tensor otherwise,
+/// nothing when quiet; and the bar, to clear at the end.
+fn progress_reporter(
+    tensors: usize,
+    quiet: bool,
+) -> (
+    impl FnMut(Progress<'_>) + Send + 'static,
+    Option<indicatif::ProgressBar>,
+) {
+    let started = std::time::Instant::now();
+    let terminal = std::io::stderr().is_terminal();
+    let bar = (!quiet && terminal).then(|| {
+        // The length is set by the first tensor written: merged and copied ones alike.
+        let bar = indicatif::ProgressBar::new(tensors as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} tensors, {msg} [{elapsed} < {eta}]",
+            )
+            .expect("a valid template"),
+        );
+        bar
+    });
+    let mut bytes = 0usize;
+    let shown = bar.clone();
+    let progress = move |p: Progress<'_>| {
+        bytes += p.bytes;
+        if let Some(bar) = &shown {
+            let rate = bytes as f64 / started.elapsed().as_secs_f64().max(1e-9) / 1e6;
+            bar.set_message(format!("{:.1} MB, {rate:.0} MB/s", bytes as f64 / 1e6));
+            bar.set_length(p.total as u64);
+            bar.set_position(p.done as u64);
+        } else if !quiet {
+            // Progress is best effort: a closed standard error does not stop the merge.
+            let _ = writeln!(
+                std::io::stderr(),
+                "[{}/{}] {} ({} bytes)",
+                p.done,
+                p.total,
+                p.name,
+                p.bytes
+            );
+        }
+    };
+    (progress, bar)
+}
+
+fn out_dtype_of(arg: Option<OutDTypeArg>) -> Option<OutDType> {
+    arg.map(|d| match d {
+        OutDTypeArg::F32 => OutDType::F32,
+        OutDTypeArg::F16 => OutDType::F16,
+        OutDTypeArg::Bf16 => OutDType::BF16,
+    })
+}
+
+fn pairing_of(union: bool, intersection: bool) -> Pairing {
+    if union {
+        Pairing::Union
+    } else if intersection {
+        Pairing::Intersection
+    } else {
+        Pairing::Strict
+    }
+}
+
+fn tokenizer_of(arg: TokenizerArg) -> TokenizerSource {
+    match arg {
+        TokenizerArg::A => TokenizerSource::A,
+        TokenizerArg::B => TokenizerSource::B,
+    }
+}
+
 fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<(), Failure> {
     match cli.command {
+        Command::Mean {
+            inputs,
+            weights,
+            output,
+            device: device_arg,
+            out_dtype,
+            union,
+            intersection,
+            dry_run,
+            report,
+            tokenizer_source,
+            quiet,
+        } => {
+            let weights = weights.unwrap_or_else(|| vec![1.0; inputs.len()]);
+            let mean = SphericalMean::new(weights).map_err(|e| Failure(e.to_string(), 2))?;
+            let mut options = FileMerge::new(SlerpConfig::new(0.5), device(device_arg)?);
+            options.pairing = pairing_of(union, intersection);
+            options.out_dtype = out_dtype_of(out_dtype);
+            options.tokenizer_source = tokenizer_of(tokenizer_source);
+            options.cancel = Some(cancel);
+            let plan = plan_mean_files(&inputs, &mean, &output, &options)?;
+            if dry_run {
+                out!(
+                    "{} float tensors averaged over {} checkpoints (weights {:?}):",
+                    plan.len(),
+                    inputs.len(),
+                    mean.weights()
+                );
+                for (name, shape, dtype) in &plan {
+                    out!("{name}  {dtype}  {shape:?}");
+                }
+                return Ok(());
+            }
+            let started = std::time::Instant::now();
+            let (progress, bar) = progress_reporter(plan.len(), quiet);
+            interrupt::writing();
+            let result = mean_files(&inputs, &mean, &output, &options, progress);
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+            let stats = result?;
+            if let Some(path) = report {
+                let json = serde_json::to_string_pretty(&stats).expect("statistics serialise");
+                std::fs::write(&path, json + "\n")
+                    .map_err(|e| Failure(format!("{}: {e}", path.display()), 1))?;
+            }
+            if !quiet {
+                note!(
+                    "averaged {} tensors of {} checkpoints into {} in {:.2} s",
+                    stats.len(),
+                    inputs.len(),
+                    output.display(),
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            Ok(())
+        }
         Command::Inspect { a, b } => {
             let list = inspect(&a)?;
             let total: usize = list
@@ -343,24 +510,11 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
                 config.dot_threshold = Some(0.9995);
             }
             let mut options = FileMerge::new(config, device(device_arg)?);
-            options.pairing = if union {
-                Pairing::Union
-            } else if intersection {
-                Pairing::Intersection
-            } else {
-                Pairing::Strict
-            };
-            options.out_dtype = out_dtype.map(|d| match d {
-                OutDTypeArg::F32 => OutDType::F32,
-                OutDTypeArg::F16 => OutDType::F16,
-                OutDTypeArg::Bf16 => OutDType::BF16,
-            });
+            options.pairing = pairing_of(union, intersection);
+            options.out_dtype = out_dtype_of(out_dtype);
             options.cancel = Some(cancel);
             options.base = base;
-            options.tokenizer_source = match tokenizer_source {
-                TokenizerArg::A => TokenizerSource::A,
-                TokenizerArg::B => TokenizerSource::B,
-            };
+            options.tokenizer_source = tokenizer_of(tokenizer_source);
             let plan = plan_files(&a, &b, &output, &options)?;
             if dry_run {
                 print(format_args!("{plan}"))?;
@@ -370,39 +524,7 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
                 note!("warning: {w}");
             }
             let started = std::time::Instant::now();
-            let terminal = std::io::stderr().is_terminal();
-            let bar = (!quiet && terminal).then(|| {
-                // The length is set by the first tensor written: merged and copied ones alike.
-                let bar = indicatif::ProgressBar::new(plan.entries.len() as u64);
-                bar.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "{bar:30} {pos}/{len} tensors, {msg} [{elapsed} < {eta}]",
-                    )
-                    .expect("a valid template"),
-                );
-                bar
-            });
-            let mut bytes = 0usize;
-            let shown = bar.clone();
-            let progress = move |p: Progress<'_>| {
-                bytes += p.bytes;
-                if let Some(bar) = &shown {
-                    let rate = bytes as f64 / started.elapsed().as_secs_f64().max(1e-9) / 1e6;
-                    bar.set_message(format!("{:.1} MB, {rate:.0} MB/s", bytes as f64 / 1e6));
-                    bar.set_length(p.total as u64);
-                    bar.set_position(p.done as u64);
-                } else if !quiet {
-                    // Progress is best effort: a closed standard error does not stop the merge.
-                    let _ = writeln!(
-                        std::io::stderr(),
-                        "[{}/{}] {} ({} bytes)",
-                        p.done,
-                        p.total,
-                        p.name,
-                        p.bytes
-                    );
-                }
-            };
+            let (progress, bar) = progress_reporter(plan.entries.len(), quiet);
             interrupt::writing();
             let result = merge_files(&a, &b, &output, &options, progress);
             if let Some(bar) = &bar {

@@ -118,27 +118,31 @@ fn with_dtype(text: &str, dtype: DType, path: &Path) -> Result<String, Checkpoin
 }
 
 /// The model card: the inputs, the method and the recipe.
-fn card(a: &str, b: &str, options: &FileMerge, recipe: &str) -> String {
-    let method = if options.base.is_some() {
-        "task-vector SLERP (`base + slerp(a − base, b − base, t)`)"
-    } else {
-        "SLERP"
-    };
+fn card(names: &[String], method: &str, options: &FileMerge, recipe: &str) -> String {
+    let inputs: String = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| match (i, names.len()) {
+            (0, 2) => format!("- A (t = 0): `{name}`\n"),
+            (1, 2) => format!("- B (t = 1): `{name}`\n"),
+            _ => format!("- `{name}`\n"),
+        })
+        .collect();
     let base = options
         .base
         .as_ref()
         .map(|p| format!("- base: `{}`\n", p.display()))
         .unwrap_or_default();
     let tokenizer = match options.tokenizer_source {
-        TokenizerSource::A => "A",
-        TokenizerSource::B => "B",
+        TokenizerSource::A => "the first input's",
+        TokenizerSource::B => "the second input's",
     };
     format!(
-        "---\nlibrary_name: transformers\ntags:\n- merge\n- slerp\n- burn-slerp\n---\n\n\
+        "---\nlibrary_name: transformers\ntags:\n- merge\n- burn-slerp\n---\n\n\
          # Merged model\n\nMerged with burn-slerp {} by {method}.\n\n\
-         ## Inputs\n\n- A (t = 0): `{a}`\n- B (t = 1): `{b}`\n{base}\n\
-         The configuration and generation settings are A's; the tokenizer is {tokenizer}'s.\n\n\
-         ## Recipe\n\n```json\n{recipe}\n```\n",
+         ## Inputs\n\n{inputs}{base}\n\
+         The configuration and generation settings are the first input's; the tokenizer is \
+         {tokenizer}.\n\n## Recipe\n\n```json\n{recipe}\n```\n",
         env!("CARGO_PKG_VERSION"),
     )
 }
@@ -146,15 +150,17 @@ fn card(a: &str, b: &str, options: &FileMerge, recipe: &str) -> String {
 /// Everything a merged model folder holds besides its weights, written into `dir`: A's
 /// `config.json` (dtype updated to `out_dtype` when given), `generation_config.json` and the
 /// code files its `auto_map` names, the tokenizer files of `options.tokenizer_source`, and
-/// `README.md`. `a_folder`/`b_folder` are the inputs' model folders; `names` how the inputs
-/// were given.
+/// `README.md`. `a_folder`/`b_folder` are the first two inputs' model folders; `names` how the
+/// inputs were given, `method` and `recipe` what the card says was done.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn write_model_files(
     dir: &Path,
     a_folder: Option<&Path>,
     b_folder: Option<&Path>,
     out_dtype: Option<DType>,
     options: &FileMerge,
-    names: (&str, &str),
+    names: &[String],
+    method: &str,
     recipe: &str,
 ) -> Result<(), CheckpointError> {
     let Some(model) = a_folder.or(b_folder) else {
@@ -194,7 +200,7 @@ pub(super) fn write_model_files(
         }
     }
     let to = dir.join("README.md");
-    std::fs::write(&to, card(names.0, names.1, options, recipe)).map_err(io(&to))
+    std::fs::write(&to, card(names, method, options, recipe)).map_err(io(&to))
 }
 
 #[cfg(test)]

@@ -22,11 +22,13 @@ mod read;
 mod write;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Device};
 
 use crate::config::SlerpConfig;
+use crate::error::MergeError;
+use crate::module::mean::{MeanStats, SphericalMean};
 use crate::report::{MergePlan, MergeReport, PlanEntry};
 use crate::schedule::Assignment;
 pub use error::CheckpointError;
@@ -80,7 +82,7 @@ fn checked(
     write::check_output(out, output)?;
     let plan = plan::plan(&ca, &cb, options, output)?;
     if let Some(base) = &base {
-        plan::check_base(&plan, base)?;
+        plan::check_extra(&plan, base, "the base")?;
     }
     Ok(((ca, cb, base), output, plan))
 }
@@ -140,16 +142,98 @@ pub fn merge_files(
     progress: impl FnMut(Progress<'_>) + Send + 'static,
 ) -> Result<MergeReport, CheckpointError> {
     let (inputs, output, plan) = checked(a, b, out, options)?;
-    let names = (a.display().to_string(), b.display().to_string());
-    write::write(
+    let job = write::Job {
         inputs,
-        (&names.0, &names.1),
-        plan.tensors,
-        out,
-        output,
-        options,
-        Box::new(progress),
-    )
+        names: vec![a.display().to_string(), b.display().to_string()],
+        mean: None,
+    };
+    let (report, _) = write::write(job, plan.tensors, out, output, options, Box::new(progress))?;
+    Ok(report)
+}
+
+/// Every check of [`mean_files`] before the first byte: the output, every input, the pairing
+/// of each with the first, and one weight per input.
+fn checked_mean(
+    inputs: &[PathBuf],
+    mean: &SphericalMean,
+    out: &Path,
+    options: &FileMerge,
+) -> Result<(write::Inputs, Vec<Checkpoint>, Format, Plan), CheckpointError> {
+    if inputs.len() < 2 || mean.weights().len() != inputs.len() {
+        return Err(CheckpointError::Merge(MergeError::InvalidWeights {
+            reason: format!(
+                "{} weights for {} checkpoints (one weight per checkpoint, at least two)",
+                mean.weights().len(),
+                inputs.len()
+            ),
+        }));
+    }
+    let options = FileMerge {
+        base: None,
+        ..options.clone()
+    };
+    let (first, output, plan) = checked(&inputs[0], &inputs[1], out, &options)?;
+    let mut rest = Vec::with_capacity(inputs.len() - 2);
+    for (i, path) in inputs.iter().enumerate().skip(2) {
+        let input = Checkpoint::open(path)?;
+        if input.files().iter().any(|f| write::same_file(f, out)) {
+            return Err(CheckpointError::OverwritesInput {
+                path: out.to_path_buf(),
+            });
+        }
+        plan::check_extra(&plan, &input, &format!("input {}", i + 1))?;
+        rest.push(input);
+    }
+    Ok((first, rest, output, plan))
+}
+
+/// The dry run of [`mean_files`]: every check, and the tensors it would average.
+///
+/// # Errors
+///
+/// As [`mean_files`], except the ones that need the data.
+pub fn plan_mean_files(
+    inputs: &[PathBuf],
+    mean: &SphericalMean,
+    out: &Path,
+    options: &FileMerge,
+) -> Result<Vec<(String, Vec<usize>, String)>, CheckpointError> {
+    let (_, _, _, plan) = checked_mean(inputs, mean, out, options)?;
+    Ok(plan
+        .tensors
+        .into_iter()
+        .filter(|t| matches!(t.origin, Origin::Merge(_)))
+        .map(|t| (t.name, t.shape, convert::label(t.dtype)))
+        .collect())
+}
+
+/// The weighted spherical mean ([`SphericalMean`]) of two or more checkpoints into `out`, one
+/// tensor at a time, with the pairing, checks, output formats and atomic output of
+/// [`merge_files`] (`options.config` and `options.base` are not used): float tensors present in
+/// every input are averaged, the rest follow `options.pairing` between the first two inputs
+/// and are copied as they are. Returns what the mean computed for each tensor, in the first
+/// input's order.
+///
+/// # Errors
+///
+/// As [`merge_files`]; [`CheckpointError::Merge`] with [`MergeError::InvalidWeights`] unless
+/// there is one weight per input; [`CheckpointError::Format`] naming an input beyond the second
+/// that lacks a tensor the first two average, or has another shape.
+pub fn mean_files(
+    inputs: &[PathBuf],
+    mean: &SphericalMean,
+    out: &Path,
+    options: &FileMerge,
+    progress: impl FnMut(Progress<'_>) + Send + 'static,
+) -> Result<Vec<MeanStats>, CheckpointError> {
+    let (first, rest, output, plan) = checked_mean(inputs, mean, out, options)?;
+    let job = write::Job {
+        inputs: first,
+        names: inputs.iter().map(|p| p.display().to_string()).collect(),
+        mean: Some((mean.clone(), rest)),
+    };
+    let (_, stats) = write::write(job, plan.tensors, out, output, options, Box::new(progress))?;
+    Ok(stats)
 }
 
 /// The angles between two checkpoints: the statistics of every float tensor present in both

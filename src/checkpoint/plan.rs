@@ -243,9 +243,14 @@ pub(super) fn plan(
     Ok(Plan { tensors, warnings })
 }
 
-/// The base of a task-vector merge against the plan: every merged tensor is in it, with A's
+/// An input beyond A and B (the base of a task-vector merge, the third and later models of a
+/// mean), named `role` in messages, against the plan: every merged tensor is in it, with A's
 /// shape and a float dtype.
-pub(super) fn check_base(plan: &Plan, base: &Checkpoint) -> Result<(), CheckpointError> {
+pub(super) fn check_extra(
+    plan: &Plan,
+    base: &Checkpoint,
+    role: &str,
+) -> Result<(), CheckpointError> {
     let refuse = |message: String| CheckpointError::Format {
         path: base.path().to_path_buf(),
         message,
@@ -261,20 +266,20 @@ pub(super) fn check_base(plan: &Plan, base: &Checkpoint) -> Result<(), Checkpoin
         };
         if entry.shape != tensor.shape {
             return Err(refuse(format!(
-                "the base's tensor `{}` has shape {:?}, A's has {:?}",
+                "{role}'s tensor `{}` has shape {:?}, A's has {:?}",
                 tensor.name, entry.shape, tensor.shape
             )));
         }
         if !entry.dtype.is_some_and(is_float) {
             return Err(refuse(format!(
-                "the base's tensor `{}` is {}, not a float tensor",
+                "{role}'s tensor `{}` is {}, not a float tensor",
                 tensor.name, entry.label
             )));
         }
     }
     if !missing.is_empty() {
         return Err(refuse(format!(
-            "the base lacks tensors A and B merge: [{}]",
+            "{role} lacks tensors A and B merge: [{}]",
             missing.join(", ")
         )));
     }

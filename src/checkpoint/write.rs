@@ -27,6 +27,7 @@ use crate::config::SlerpConfig;
 use crate::error::MergeError;
 use crate::interpolate::{compute_dtype, finish, slerp_with_stats, trusted, vectors};
 use crate::kernels;
+use crate::module::mean::{MeanStats, SphericalMean};
 use crate::module::task_vector::task_vector_slerp_with_stats;
 use crate::numerics::PairStats;
 use crate::report::MergeReport;
@@ -45,6 +46,10 @@ struct Writing {
     b: Checkpoint,
     /// The base of a task-vector merge.
     base: Option<Checkpoint>,
+    /// A spherical mean of A, B and `rest`, instead of SLERP.
+    mean: Option<(SphericalMean, Vec<Checkpoint>)>,
+    /// What the mean computed for each tensor, with its index in the output's order.
+    mean_stats: Mutex<Vec<(usize, MeanStats)>>,
     options: FileMerge,
     /// The statistics of each merged tensor, with its index in the output's order.
     stats: Mutex<Vec<(usize, TensorStats)>>,
@@ -73,6 +78,8 @@ impl Writing {
             a,
             b,
             base,
+            mean: None,
+            mean_stats: Mutex::new(Vec::new()),
             options,
             stats: Mutex::new(Vec::new()),
             progress: Mutex::new(Counter {
@@ -96,6 +103,13 @@ impl Writing {
         let mut stats = std::mem::take(&mut *lock(&self.stats));
         stats.sort_by_key(|(index, _)| *index);
         MergeReport::new(stats.into_iter().map(|(_, s)| s).collect())
+    }
+
+    /// What the mean computed, in the output's order.
+    fn mean_report(&self) -> Vec<MeanStats> {
+        let mut stats = std::mem::take(&mut *lock(&self.mean_stats));
+        stats.sort_by_key(|(index, _)| *index);
+        stats.into_iter().map(|(_, s)| s).collect()
     }
 
     fn fail(&self, e: CheckpointError) {
@@ -127,6 +141,10 @@ impl Writing {
         let t = match &tensor.origin {
             Origin::CopyA => return emit(&self.a.bytes(name)?),
             Origin::CopyB => return emit(&self.b.bytes(name)?),
+            Origin::Merge(_) if self.mean.is_some() => {
+                let bytes = self.merge_mean(tensor)?;
+                return emit(&bytes);
+            }
             Origin::Merge(assignment) => assignment.t,
         };
         // At t = 0 and t = 1 the merge is an input: its bytes, converted where the output dtype
@@ -278,6 +296,36 @@ impl Writing {
             stats.path = name.clone();
             lock(&self.stats).push((tensor.index, stats));
         }
+        encode(tensor.dtype, &out.into_data()).ok_or_else(|| does_not_fit(name, tensor.dtype))
+    }
+
+    /// The spherical mean of one tensor of every input, through Burn tensors on the options'
+    /// device.
+    fn merge_mean(&self, tensor: &OutputTensor) -> Result<Vec<u8>, CheckpointError> {
+        let (mean, rest) = self.mean.as_ref().expect("a mean");
+        let name = &tensor.name;
+        let n: usize = tensor.shape.iter().product();
+        let device = &self.options.device;
+        let compute = compute_dtype(tensor.dtype).expect("a float dtype");
+        let mut tensors = Vec::with_capacity(2 + rest.len());
+        for from in [&self.a, &self.b].into_iter().chain(rest) {
+            let dtype = from.entry(name).and_then(|e| e.dtype).expect("planned");
+            let bytes = from.bytes(name)?;
+            let values = match compute {
+                FloatDType::F64 => TensorData::new(to_f64(dtype, &bytes), [n]),
+                _ => TensorData::new(to_f32(dtype, &bytes), [n]),
+            };
+            tensors.push(Tensor::<1>::from_data(values, (device, compute.into())));
+        }
+        let (out, mut stats) = mean.mean(tensors).map_err(|e| match e {
+            MergeError::NonFinite { .. } => CheckpointError::NonFinite {
+                name: name.clone(),
+                reason: "an input holds a NaN or an infinity".into(),
+            },
+            other => CheckpointError::Merge(other),
+        })?;
+        stats.path = name.clone();
+        lock(&self.mean_stats).push((tensor.index, stats));
         encode(tensor.dtype, &out.into_data()).ok_or_else(|| does_not_fit(name, tensor.dtype))
     }
 
@@ -588,23 +636,28 @@ pub(super) fn angles(
 
 /// Computes and writes every tensor into `out` in `format`, through a temporary file or folder
 /// beside it that is renamed into place only when complete.
-#[allow(clippy::too_many_arguments)]
+/// What [`write`] writes: the inputs, how they were named, and a mean's weights and further
+/// inputs when it is one.
+pub(super) struct Job {
+    pub(super) inputs: Inputs,
+    /// Every input, as it was given.
+    pub(super) names: Vec<String>,
+    pub(super) mean: Option<(SphericalMean, Vec<Checkpoint>)>,
+}
+
 pub(super) fn write(
-    inputs: Inputs,
-    names: (&str, &str),
+    job: Job,
     tensors: Vec<OutputTensor>,
     out: &Path,
     format: Format,
     options: &FileMerge,
     progress: OnProgress,
-) -> Result<MergeReport, CheckpointError> {
+) -> Result<(MergeReport, Vec<MeanStats>), CheckpointError> {
     let out_dtype = options.out_dtype.map(|d| d.dtype());
-    let writing = Arc::new(Writing::new(
-        inputs,
-        options.clone(),
-        tensors.len(),
-        progress,
-    ));
+    let names = job.names;
+    let mut writing = Writing::new(job.inputs, options.clone(), tensors.len(), progress);
+    writing.mean = job.mean;
+    let writing = Arc::new(writing);
     let temp = create_temp(out, format == Format::Sharded)?;
     let written = match format {
         Format::Safetensors => {
@@ -616,14 +669,28 @@ pub(super) fn write(
             if !writing.model_folder() {
                 return Ok(());
             }
-            let recipe = serde_json::to_string_pretty(&options.config).unwrap_or_default();
+            let (method, recipe) = match &writing.mean {
+                Some((mean, _)) => (
+                    "the weighted spherical mean",
+                    serde_json::json!({ "weights": mean.weights() }).to_string(),
+                ),
+                None if options.base.is_some() => (
+                    "task-vector SLERP (`base + slerp(a - base, b - base, t)`)",
+                    serde_json::to_string_pretty(&options.config).unwrap_or_default(),
+                ),
+                None => (
+                    "SLERP",
+                    serde_json::to_string_pretty(&options.config).unwrap_or_default(),
+                ),
+            };
             write_model_files(
                 &temp,
                 writing.a.folder(),
                 writing.b.folder(),
                 out_dtype,
                 options,
-                names,
+                &names,
+                method,
                 &recipe,
             )
         }),
@@ -648,7 +715,7 @@ pub(super) fn write(
             source,
         }
     })?;
-    Ok(writing.report())
+    Ok((writing.report(), writing.mean_report()))
 }
 
 #[cfg(test)]
