@@ -30,6 +30,17 @@ pub enum Method {
     Lerp,
 }
 
+/// What a pair does when a vector's norm is at most `eps` (a zero vector).
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum ZeroNorm {
+    /// Linear interpolation (the default): the geodesic is undefined there.
+    Lerp,
+    /// As mergekit 0.1.5 does: the zero norm counts as 1, so the vector is left as it is, the
+    /// cosine is (nearly) 0 and the angle π/2, and a zero tensor against a non-zero `b` gives
+    /// `sin(tπ/2)·b` (0.707·b at t = 0.5). For reproducing mergekit only.
+    Mergekit,
+}
+
 /// Configuration of a SLERP merge: a recipe.
 ///
 /// Build it with [`SlerpConfig::new`] and the `with_*` setters. It is a Burn [`Config`]
@@ -74,6 +85,17 @@ pub struct SlerpConfig {
     /// Per-parameter factors (`None` by default: `t` everywhere).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
+    /// What a zero vector does ([`ZeroNorm::Lerp`] by default).
+    #[serde(default = "default_zero_norm", skip_serializing_if = "is_lerp")]
+    pub zero_norm: ZeroNorm,
+}
+
+fn default_zero_norm() -> ZeroNorm {
+    ZeroNorm::Lerp
+}
+
+fn is_lerp(z: &ZeroNorm) -> bool {
+    *z == ZeroNorm::Lerp
 }
 
 fn default_granularity() -> Granularity {
@@ -108,7 +130,14 @@ impl SlerpConfig {
             eps: default_eps(),
             method: default_method(),
             schedule: None,
+            zero_norm: default_zero_norm(),
         }
+    }
+
+    /// Sets [`SlerpConfig::zero_norm`].
+    pub fn with_zero_norm(mut self, zero_norm: ZeroNorm) -> Self {
+        self.zero_norm = zero_norm;
+        self
     }
 
     /// Sets [`SlerpConfig::t`].

@@ -406,7 +406,15 @@ pub(crate) fn prepare<const D: usize>(
     let split = Split::of(&dims, config);
     let rows = split.vectors;
     let cols = n / rows;
-    let stats = match pair.route {
+    // The device kernels know only the default zero-norm rule; mergekit's takes the host's.
+    #[cfg(feature = "wgpu")]
+    let route = match pair.route {
+        Route::Cube if config.zero_norm != crate::config::ZeroNorm::Lerp => Route::Generic,
+        route => route,
+    };
+    #[cfg(not(feature = "wgpu"))]
+    let route = pair.route;
+    let stats = match route {
         #[cfg(feature = "wgpu")]
         Route::Cube => {
             let params = kernels::cubecl::DeviceParams {

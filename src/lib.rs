@@ -85,7 +85,7 @@ mod report;
 mod schedule;
 mod stats;
 
-pub use config::{Granularity, Method, SlerpConfig};
+pub use config::{Granularity, Method, SlerpConfig, ZeroNorm};
 pub use control::{MergeControl, MergeProgress, Stage};
 pub use error::{MergeError, MergeIntoError};
 pub use interpolate::slerp;

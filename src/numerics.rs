@@ -7,7 +7,7 @@
 
 use serde::Serialize;
 
-use crate::config::{Method, SlerpConfig};
+use crate::config::{Method, SlerpConfig, ZeroNorm};
 
 /// `cos θ` below `-(1 - ANTIPARALLEL_MARGIN)` counts as antiparallel: the geodesic is undefined at
 /// π, so the pair is linearly interpolated. The spherical mean uses the same margin for a model
@@ -178,10 +178,21 @@ pub(crate) fn coefficients(stats: PairStats, config: &SlerpConfig) -> Option<Coe
         return Some(Coefficients::lerp(t, LerpReason::Method));
     }
     let (na, nb) = (stats.aa.sqrt(), stats.bb.sqrt());
-    if na <= config.eps || nb <= config.eps {
+    let zero = na <= config.eps || nb <= config.eps;
+    if zero && config.zero_norm == ZeroNorm::Lerp {
         return Some(Coefficients::lerp(t, LerpReason::ZeroNorm));
     }
-    let Angle { cos, theta } = angle(stats)?;
+    let Angle { cos, theta } = if zero {
+        // mergekit's rule: a zero norm counts as 1.
+        let one = |n: f64| if n <= config.eps { 1.0 } else { n };
+        let cos = (stats.ab / (one(na) * one(nb))).clamp(-1.0, 1.0);
+        Angle {
+            cos,
+            theta: cos.acos(),
+        }
+    } else {
+        angle(stats)?
+    };
     if let Some(threshold) = config.dot_threshold
         && cos.abs() > threshold
     {
@@ -218,6 +229,25 @@ mod tests {
             assert!((c.c0 - (t * half_pi).cos()).abs() < 1e-14);
             assert!((c.c1 - (t * half_pi).sin()).abs() < 1e-14);
             assert_eq!(c.branch, Branch::Slerp);
+        }
+    }
+
+    #[test]
+    fn a_zero_tensor_follows_the_zero_norm_rule() {
+        let (a, b) = ([0.0, 0.0], [3.0, 4.0]);
+        for t in [0.25, 0.5, 0.8] {
+            let lerp = coefficients(stats(&a, &b), &SlerpConfig::new(t)).unwrap();
+            assert_eq!(
+                (lerp.c1, lerp.branch),
+                (t, Branch::Lerp(LerpReason::ZeroNorm))
+            );
+            // mergekit's rule: the norm counts as 1, cos = 0, θ = π/2: c1 = sin(tπ/2).
+            let config = SlerpConfig::new(t)
+                .with_dot_threshold(Some(0.9995))
+                .with_zero_norm(ZeroNorm::Mergekit);
+            let c = coefficients(stats(&a, &b), &config).unwrap();
+            let want = (t * std::f64::consts::FRAC_PI_2).sin();
+            assert!((c.c1 - want).abs() < 1e-15, "t = {t}: {} vs {want}", c.c1);
         }
     }
 

@@ -7,6 +7,7 @@
 //!                      [--dry-run] [--report report.json] [--quiet]
 //! burn-slerp mean A B [C …] -o OUT [--weights 0.5,0.3,0.2] [--device …] [--out-dtype …]
 //!                     [--union | --intersection] [--dry-run] [--report report.json] [--quiet]
+//! burn-slerp yaml recipe.yml OUT [--exact] [--device …] [--dry-run] [--report …] [--quiet]
 //! burn-slerp inspect A [B]
 //! ```
 //!
@@ -26,7 +27,7 @@ use burn::config::Config;
 use burn::tensor::Device;
 use burn_slerp::checkpoint::{
     CheckpointError, FileMerge, OutDType, Pairing, Progress, TokenizerSource, compare_files,
-    inspect, mean_files, merge_files, plan_files, plan_mean_files, shapes,
+    inspect, mean_files, merge_files, plan_files, plan_mean_files, plan_yaml, shapes, yaml_files,
 };
 use burn_slerp::{Granularity, SlerpConfig, SphericalMean};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -126,6 +127,31 @@ enum Command {
         /// Whose tokenizer files a model-folder output gets: the first input's or the second's.
         #[arg(long, value_enum, default_value_t = TokenizerArg::A)]
         tokenizer_source: TokenizerArg,
+        /// Print nothing but errors.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Merge as a mergekit YAML recipe (`merge_method: slerp`) says, as `mergekit-yaml` 0.1.5
+    /// does: `burn-slerp yaml recipe.yml OUT`.
+    Yaml {
+        /// The mergekit recipe.
+        recipe: PathBuf,
+        /// The merged model: a folder (a model folder when the base model is one), or a
+        /// `.safetensors` / `.bpk` file.
+        output: PathBuf,
+        /// burn-slerp's exact SLERP (no 0.9995 threshold; a zero tensor lerps) instead of
+        /// mergekit's numerics.
+        #[arg(long)]
+        exact: bool,
+        /// Where the arithmetic runs.
+        #[arg(long, value_enum, default_value_t = DeviceArg::Flex)]
+        device: DeviceArg,
+        /// Check everything and print the resolved plan; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Write the merge report as JSON to this file.
+        #[arg(long)]
+        report: Option<PathBuf>,
         /// Print nothing but errors.
         #[arg(short, long)]
         quiet: bool,
@@ -370,6 +396,47 @@ fn tokenizer_of(arg: TokenizerArg) -> TokenizerSource {
 
 fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<(), Failure> {
     match cli.command {
+        Command::Yaml {
+            recipe,
+            output,
+            exact,
+            device: device_arg,
+            dry_run,
+            report,
+            quiet,
+        } => {
+            let device = device(device_arg)?;
+            let plan = plan_yaml(&recipe, exact)?;
+            if dry_run {
+                print(format_args!("{plan}"))?;
+                return Ok(());
+            }
+            for w in &plan.warnings {
+                note!("warning: {w}");
+            }
+            let started = std::time::Instant::now();
+            let (progress, bar) = progress_reporter(plan.tensors.len(), quiet);
+            interrupt::writing();
+            let result = yaml_files(plan, &output, device, Some(cancel), progress);
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+            let result = result?;
+            if let Some(path) = report {
+                std::fs::write(&path, result.to_json())
+                    .map_err(|e| Failure(format!("{}: {e}", path.display()), 1))?;
+            }
+            if !quiet {
+                note!(
+                    "merged {} tensors ({} parameters) into {} in {:.2} s",
+                    result.summary.tensors,
+                    result.summary.params,
+                    output.display(),
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            Ok(())
+        }
         Command::Mean {
             inputs,
             weights,

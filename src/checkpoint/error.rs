@@ -86,6 +86,12 @@ pub enum CheckpointError {
         /// Why not.
         reason: String,
     },
+    /// A mergekit recipe this reader refuses, with what to use instead.
+    #[error("recipe: {reason}")]
+    Recipe {
+        /// What is refused, and why.
+        reason: String,
+    },
     /// The merge was stopped through [`FileMerge::cancel`](super::FileMerge::cancel); nothing was written.
     #[error("interrupted; nothing was written")]
     Interrupted,

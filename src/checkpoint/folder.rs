@@ -117,6 +117,36 @@ fn with_dtype(text: &str, dtype: DType, path: &Path) -> Result<String, Checkpoin
     Ok(out + "\n")
 }
 
+/// `config.json`'s text with `num_hidden_layers` set to the number of output layers, and each
+/// per-layer list (a list as long as the input's layer count, such as `layer_types`) taken
+/// layer by layer from the input layer each output layer comes from.
+fn with_layers(text: &str, layers: &[usize], path: &Path) -> Result<String, CheckpointError> {
+    let mut config: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| CheckpointError::Format {
+            path: path.to_path_buf(),
+            message: format!("not a valid config.json: {e}"),
+        })?;
+    let Some(object) = config.as_object_mut() else {
+        return Ok(text.to_string());
+    };
+    let Some(count) = object.get("num_hidden_layers").and_then(|n| n.as_u64()) else {
+        return Ok(text.to_string());
+    };
+    if count as usize == layers.len() && layers.iter().enumerate().all(|(i, l)| i == *l) {
+        return Ok(text.to_string());
+    }
+    for value in object.values_mut() {
+        if let serde_json::Value::Array(items) = value
+            && items.len() == count as usize
+            && layers.iter().all(|l| *l < items.len())
+        {
+            *items = layers.iter().map(|l| items[*l].clone()).collect();
+        }
+    }
+    object.insert("num_hidden_layers".into(), layers.len().into());
+    Ok(serde_json::to_string_pretty(&config).expect("JSON values serialise") + "\n")
+}
+
 /// The model card: the inputs, the method and the recipe.
 fn card(names: &[String], method: &str, options: &FileMerge, recipe: &str) -> String {
     let inputs: String = names
@@ -162,6 +192,7 @@ pub(super) fn write_model_files(
     names: &[String],
     method: &str,
     recipe: &str,
+    layers: Option<&[usize]>,
 ) -> Result<(), CheckpointError> {
     let Some(model) = a_folder.or(b_folder) else {
         return Ok(());
@@ -172,6 +203,10 @@ pub(super) fn write_model_files(
         let config: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
         let text = match out_dtype {
             Some(dtype) => with_dtype(&text, dtype, &config_path)?,
+            None => text,
+        };
+        let text = match layers {
+            Some(layers) => with_layers(&text, layers, &config_path)?,
             None => text,
         };
         let to = dir.join("config.json");

@@ -20,8 +20,9 @@ mod options;
 mod plan;
 mod read;
 mod write;
+mod yaml;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Device};
@@ -36,6 +37,7 @@ pub use options::{FileMerge, OutDType, Pairing, Progress, TokenizerSource};
 pub use plan::output_format;
 use plan::{Origin, OutputTensor, Plan, is_float};
 pub use read::{Checkpoint, Format};
+pub use yaml::{YamlPlan, YamlTensor, plan_yaml, yaml_files};
 
 /// Opens both inputs and checks the output path: nothing written yet.
 fn open_pair(
@@ -146,6 +148,9 @@ pub fn merge_files(
         inputs,
         names: vec![a.display().to_string(), b.display().to_string()],
         mean: None,
+        renames: HashMap::new(),
+        input_dtype: None,
+        layers: None,
     };
     let (report, _) = write::write(job, plan.tensors, out, output, options, Box::new(progress))?;
     Ok(report)
@@ -231,6 +236,9 @@ pub fn mean_files(
         inputs: first,
         names: inputs.iter().map(|p| p.display().to_string()).collect(),
         mean: Some((mean.clone(), rest)),
+        renames: HashMap::new(),
+        input_dtype: None,
+        layers: None,
     };
     let (_, stats) = write::write(job, plan.tensors, out, output, options, Box::new(progress))?;
     Ok(stats)

@@ -50,6 +50,10 @@ struct Writing {
     mean: Option<(SphericalMean, Vec<Checkpoint>)>,
     /// What the mean computed for each tensor, with its index in the output's order.
     mean_stats: Mutex<Vec<(usize, MeanStats)>>,
+    /// Output tensors read under other names: output name → (A's name, B's name).
+    renames: HashMap<String, (String, String)>,
+    /// The dtype inputs are rounded to before they are merged (a mergekit recipe's `dtype`).
+    input_dtype: Option<DType>,
     options: FileMerge,
     /// The statistics of each merged tensor, with its index in the output's order.
     stats: Mutex<Vec<(usize, TensorStats)>>,
@@ -80,6 +84,8 @@ impl Writing {
             base,
             mean: None,
             mean_stats: Mutex::new(Vec::new()),
+            renames: HashMap::new(),
+            input_dtype: None,
             options,
             stats: Mutex::new(Vec::new()),
             progress: Mutex::new(Counter {
@@ -94,6 +100,45 @@ impl Writing {
 
     /// The statistics of the merged tensors, in the output's order, whatever order the writer
     /// asked for them in.
+    /// The name the output tensor `name` has in `from` (A or B).
+    fn source<'n>(&'n self, from: &Checkpoint, name: &'n str) -> &'n str {
+        match self.renames.get(name) {
+            Some((in_a, _)) if std::ptr::eq(from, &self.a) => in_a,
+            Some((_, in_b)) if std::ptr::eq(from, &self.b) => in_b,
+            _ => name,
+        }
+    }
+
+    /// The stored dtype and bytes of the output tensor `name` in `from`.
+    fn read<'c>(
+        &'c self,
+        from: &'c Checkpoint,
+        name: &str,
+    ) -> Result<(DType, super::read::Data<'c>), CheckpointError> {
+        let name = self.source(from, name);
+        let dtype = from.entry(name).and_then(|e| e.dtype).expect("planned");
+        Ok((dtype, from.bytes(name)?))
+    }
+
+    /// Rounds values to [`Self::input_dtype`] where it is narrower than f32.
+    fn round_inputs(&self, values: &mut [f32]) {
+        match self.input_dtype {
+            Some(DType::F16) => values
+                .iter_mut()
+                .for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
+            Some(DType::BF16) => values
+                .iter_mut()
+                .for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+            _ => {}
+        }
+    }
+
+    /// Whether inputs stored as `dtype` change when rounded to [`Self::input_dtype`].
+    fn rounds(&self, dtype: DType) -> bool {
+        matches!(self.input_dtype, Some(DType::F16 | DType::BF16))
+            && self.input_dtype != Some(dtype)
+    }
+
     /// Whether an input is a model folder, so that a folder output is one too.
     fn model_folder(&self) -> bool {
         self.a.folder().is_some() || self.b.folder().is_some()
@@ -139,8 +184,8 @@ impl Writing {
         self.options.check_cancel()?;
         let name = &tensor.name;
         let t = match &tensor.origin {
-            Origin::CopyA => return emit(&self.a.bytes(name)?),
-            Origin::CopyB => return emit(&self.b.bytes(name)?),
+            Origin::CopyA => return emit(&self.read(&self.a, name)?.1),
+            Origin::CopyB => return emit(&self.read(&self.b, name)?.1),
             Origin::Merge(_) if self.mean.is_some() => {
                 let bytes = self.merge_mean(tensor)?;
                 return emit(&bytes);
@@ -151,14 +196,19 @@ impl Writing {
         // differs, without looking at the values (as the in-memory merge).
         if t == 0.0 || t == 1.0 {
             let from = if t == 0.0 { &self.a } else { &self.b };
-            let dtype = from.entry(name).and_then(|e| e.dtype).expect("planned");
-            let bytes = from.bytes(name)?;
-            if dtype == tensor.dtype {
+            let (dtype, bytes) = self.read(from, name)?;
+            if dtype == tensor.dtype && !self.rounds(dtype) {
                 return emit(&bytes);
             }
-            let converted = convert(dtype, &bytes, tensor.dtype)
-                .ok_or_else(|| does_not_fit(name, tensor.dtype))?;
-            return emit(&converted);
+            let fits =
+                |bytes: Option<Vec<u8>>| bytes.ok_or_else(|| does_not_fit(name, tensor.dtype));
+            let (dtype, bytes) = match self.input_dtype {
+                Some(rounded) if self.rounds(dtype) => {
+                    (rounded, fits(convert(dtype, &bytes, rounded))?)
+                }
+                _ => (dtype, bytes.to_vec()),
+            };
+            return emit(&fits(convert(dtype, &bytes, tensor.dtype))?);
         }
         let config = self.options.config.clone().with_t(t).with_schedule(None);
         // The host path is plain SLERP; task vectors take the tensor path.
@@ -193,14 +243,39 @@ impl Writing {
         } else {
             vec![n]
         };
-        let (bytes_a, bytes_b) = match (self.a.bytes(name), self.b.bytes(name)) {
-            (Ok(a), Ok(b)) => (a, b),
-            (Err(e), _) | (_, Err(e)) => return Some(Err(e)),
-        };
-        let dtype = |from: &Checkpoint| from.entry(name).and_then(|e| e.dtype).expect("planned");
+        let ((dtype_a, bytes_a), (dtype_b, bytes_b)) =
+            match (self.read(&self.a, name), self.read(&self.b, name)) {
+                (Ok(a), Ok(b)) => (a, b),
+                (Err(e), _) | (_, Err(e)) => return Some(Err(e)),
+            };
         let Scratch { a, b, out, bytes } = scratch;
-        let xa = f32_values(dtype(&self.a), &bytes_a, a);
-        let xb = f32_values(dtype(&self.b), &bytes_b, b);
+        let values = |dtype: DType, stored: &[u8], buffer: &mut Vec<f32>| {
+            if self.rounds(dtype) {
+                let owned = f32_values(dtype, stored, buffer).to_vec();
+                *buffer = owned;
+                self.round_inputs(buffer);
+            } else {
+                let _ = f32_values(dtype, stored, buffer);
+            }
+        };
+        values(dtype_a, &bytes_a, a);
+        values(dtype_b, &bytes_b, b);
+        let pick = |dtype: DType, stored: &'_ [u8]| -> bool {
+            !self.rounds(dtype)
+                && matches!(dtype, DType::F32 | DType::Flex32)
+                && cfg!(target_endian = "little")
+                && bytemuck::try_cast_slice::<u8, f32>(stored).is_ok()
+        };
+        let xa: &[f32] = if pick(dtype_a, &bytes_a) {
+            bytemuck::cast_slice(&bytes_a)
+        } else {
+            a
+        };
+        let xb: &[f32] = if pick(dtype_b, &bytes_b) {
+            bytemuck::cast_slice(&bytes_b)
+        } else {
+            b
+        };
         if n == 0 {
             return Some(emit(&[]));
         }
@@ -258,11 +333,16 @@ impl Writing {
         let device = &self.options.device;
         let compute = compute_dtype(tensor.dtype).expect("a float dtype");
         let load = |from: &Checkpoint| -> Result<Tensor<1>, CheckpointError> {
-            let dtype = from.entry(name).and_then(|e| e.dtype).expect("planned");
-            let bytes = from.bytes(name)?;
+            let (dtype, bytes) = self.read(from, name)?;
             let values = match compute {
                 FloatDType::F64 => TensorData::new(to_f64(dtype, &bytes), [n]),
-                _ => TensorData::new(to_f32(dtype, &bytes), [n]),
+                _ => {
+                    let mut values = to_f32(dtype, &bytes);
+                    if self.rounds(dtype) {
+                        self.round_inputs(&mut values);
+                    }
+                    TensorData::new(values, [n])
+                }
             };
             Ok(Tensor::from_data(values, (device, compute.into())))
         };
@@ -643,6 +723,13 @@ pub(super) struct Job {
     /// Every input, as it was given.
     pub(super) names: Vec<String>,
     pub(super) mean: Option<(SphericalMean, Vec<Checkpoint>)>,
+    /// Output tensors read under other names: output name → (A's name, B's name).
+    pub(super) renames: HashMap<String, (String, String)>,
+    /// The dtype inputs are rounded to before they are merged.
+    pub(super) input_dtype: Option<DType>,
+    /// For each output layer, the input layer it comes from, when the layers change
+    /// (`config.json`'s `num_hidden_layers` and per-layer lists follow).
+    pub(super) layers: Option<Vec<usize>>,
 }
 
 pub(super) fn write(
@@ -657,6 +744,9 @@ pub(super) fn write(
     let names = job.names;
     let mut writing = Writing::new(job.inputs, options.clone(), tensors.len(), progress);
     writing.mean = job.mean;
+    writing.renames = job.renames;
+    writing.input_dtype = job.input_dtype;
+    let layers = job.layers;
     let writing = Arc::new(writing);
     let temp = create_temp(out, format == Format::Sharded)?;
     let written = match format {
@@ -692,6 +782,7 @@ pub(super) fn write(
                 &names,
                 method,
                 &recipe,
+                layers.as_deref(),
             )
         }),
         Format::Burnpack => write_burnpack(&writing, tensors, &temp, out),

@@ -1,0 +1,389 @@
+//! `burn-slerp yaml`: mergekit recipes read as they are. Expectations are worked out by hand in
+//! the test (which tensor comes from which layers, at which `t`) and held to an f64 reference of
+//! mergekit's slerp (one angle per tensor, lerp when `|cos| > 0.9995`).
+
+#[allow(dead_code, unused_imports)]
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn scratch(name: &str) -> Scratch {
+    let dir = std::env::temp_dir().join(format!("burn-slerp-yaml-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    Scratch(dir)
+}
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_burn-slerp"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn succeeds(dir: &Path, args: &[&str]) -> Output {
+    let o = run(dir, args);
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+fn fails(dir: &Path, args: &[&str]) -> String {
+    let o = run(dir, args);
+    assert_eq!(o.status.code(), Some(1), "{args:?}");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Deterministic values in [-1, 1).
+fn values(seed: u64, n: usize) -> Vec<f64> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+const LAYERS: usize = 4;
+
+/// The names of a 4-layer Llama-shaped model: embeddings, per layer an attention and an MLP
+/// weight, the final norm and the head.
+fn names() -> Vec<String> {
+    let mut names = vec!["model.embed_tokens.weight".to_string()];
+    for i in 0..LAYERS {
+        names.push(format!("model.layers.{i}.self_attn.q_proj.weight"));
+        names.push(format!("model.layers.{i}.mlp.up_proj.weight"));
+    }
+    names.push("model.norm.weight".into());
+    names.push("lm_head.weight".into());
+    names
+}
+
+/// The f32-rounded values of tensor `name` of model `seed` (B is A plus noise, so that the
+/// angles are small but above mergekit's threshold).
+fn tensor(seed: u64, name: &str) -> Vec<f64> {
+    let key = name
+        .bytes()
+        .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+    let base = values(key, 24);
+    let noise = values(key ^ seed, 24);
+    base.iter()
+        .zip(noise)
+        .map(|(b, n)| (b + if seed == 0 { 0.0 } else { 0.3 * n }) as f32 as f64)
+        .collect()
+}
+
+/// A model folder of [`names`] with `config.json` naming `architecture`.
+fn model(dir: &Path, folder: &str, seed: u64, architecture: &str, zero: Option<&str>) -> PathBuf {
+    let path = dir.join(folder);
+    std::fs::create_dir_all(&path).unwrap();
+    let data: Vec<(String, Vec<u8>)> = names()
+        .into_iter()
+        .map(|n| {
+            let v = if zero == Some(n.as_str()) {
+                vec![0.0; 24]
+            } else {
+                tensor(seed, &n)
+            };
+            let bytes = v.iter().flat_map(|x| (*x as f32).to_le_bytes()).collect();
+            (n, bytes)
+        })
+        .collect();
+    let views = data.iter().map(|(n, b)| {
+        (
+            n.clone(),
+            TensorView::new(Dtype::F32, vec![4, 6], b).unwrap(),
+        )
+    });
+    safetensors::serialize_to_file(views, None, &path.join("model.safetensors")).unwrap();
+    let config = serde_json::json!({
+        "architectures": [architecture],
+        "num_hidden_layers": LAYERS,
+        "layer_types": ["full", "sliding", "full", "sliding"],
+        "torch_dtype": "float32",
+    });
+    std::fs::write(path.join("config.json"), config.to_string()).unwrap();
+    std::fs::write(path.join("tokenizer.json"), folder).unwrap();
+    path
+}
+
+fn read(path: &Path) -> BTreeMap<String, Vec<f64>> {
+    let bytes = std::fs::read(path).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    file.tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect();
+            (n, v)
+        })
+        .collect()
+}
+
+fn close(name: &str, got: &[f64], want: &[f64]) {
+    let got32: Vec<f32> = got.iter().map(|v| *v as f32).collect();
+    let err = common::rel_l2(&got32, want);
+    assert!(err <= 1e-6, "{name}: relative error {err:e}");
+}
+
+/// The canonical mergekit gradient recipe: per-layer `t` over one slice, by substring filter.
+#[test]
+fn gradient_recipe_matches_the_reference() {
+    let dir = scratch("gradient");
+    model(&dir, "a", 0, "LlamaForCausalLM", None);
+    model(&dir, "b", 5, "LlamaForCausalLM", None);
+    std::fs::write(
+        dir.join("recipe.yml"),
+        "slices:\n  - sources:\n      - model: ./a\n        layer_range: [0, 4]\n      - model: ./b\n        layer_range: [0, 4]\n\
+         merge_method: slerp\nbase_model: ./a\nparameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 0.3, 0.7, 1]\n\
+         \x20   - filter: mlp\n      value: [1, 0.5, 0.7, 0.3, 0]\n    - value: 0.5\ndtype: float32\n",
+    )
+    .unwrap();
+    succeeds(&dir, &["yaml", "recipe.yml", "out", "-q"]);
+    let got = read(&dir.join("out/model.safetensors"));
+    // Worked by hand: positions k/3 over 4 layers; gradient x = pos·4.
+    // self_attn: k=0 → 0; k=1 → x=4/3: 0.5 + (1/3)(0.3 − 0.5); k=2 → x=8/3: 0.3 + (2/3)(0.4);
+    // k=3 → 1. mlp: the mirror values.
+    let attn = [0.0, 0.5 - 0.2 / 3.0, 0.3 + 0.8 / 3.0, 1.0];
+    let mlp = [1.0, 0.5 + 0.2 / 3.0, 0.7 - 0.8 / 3.0, 0.0];
+    let mut want_t: BTreeMap<String, f64> = BTreeMap::new();
+    for k in 0..LAYERS {
+        want_t.insert(format!("model.layers.{k}.self_attn.q_proj.weight"), attn[k]);
+        want_t.insert(format!("model.layers.{k}.mlp.up_proj.weight"), mlp[k]);
+    }
+    // Outside the layers: the last entry (no filter), at position 0.
+    for n in [
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ] {
+        want_t.insert(n.into(), 0.5);
+    }
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want_t.keys().collect::<Vec<_>>()
+    );
+    for (name, t) in &want_t {
+        let want = common::reference(&tensor(0, name), &tensor(5, name), *t, 1e-8, Some(0.9995));
+        close(name, &got[name], &want);
+    }
+    // The model files and the card, as for `merge`.
+    assert_eq!(std::fs::read(dir.join("out/tokenizer.json")).unwrap(), b"a");
+    // The dry run names the entry and level that matched.
+    let o = succeeds(&dir, &["yaml", "recipe.yml", "out2", "--dry-run"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("model.layers.1.mlp.up_proj.weight  t=0.566667  (top level, entry 1 (filter \"mlp\"))  offset 0.3333"),
+        "{text}"
+    );
+    assert!(!dir.join("out2").exists());
+}
+
+/// Slices that pick and repeat layers: output layers renumbered, each from (slice, offset);
+/// gradients restart per slice; a one-layer slice sits at position 1; `num_hidden_layers` and
+/// per-layer lists follow; tensors after the layers take the last slice's parameters.
+#[test]
+fn sliced_recipe_renumbers_layers() {
+    let dir = scratch("sliced");
+    model(&dir, "a", 0, "LlamaForCausalLM", None);
+    model(&dir, "b", 5, "LlamaForCausalLM", None);
+    std::fs::write(
+        dir.join("recipe.yml"),
+        "slices:\n  - sources:\n      - model: ./a\n        layer_range: [0, 2]\n      - model: ./b\n        layer_range: [1, 3]\n\
+         \x20   parameters:\n      t: [0.2, 0.8]\n\
+         \x20 - sources:\n      - model: ./a\n        layer_range: [3, 4]\n      - model: ./b\n        layer_range: [3, 4]\n\
+         \x20   parameters:\n      t: [0.0, 0.9]\n\
+         \x20 - sources:\n      - model: ./a\n        layer_range: [1, 3]\n      - model: ./b\n        layer_range: [1, 3]\n\
+         merge_method: slerp\nbase_model: ./a\nparameters:\n  t:\n    - filter: mlp\n      value: 0.3\n    - value: 0.6\n",
+    )
+    .unwrap();
+    succeeds(&dir, &["yaml", "recipe.yml", "out", "-q"]);
+    let got = read(&dir.join("out/model.safetensors"));
+    // (output layer, A's layer, B's layer, t of q_proj, t of up_proj), worked by hand.
+    let table = [
+        (0, 0, 1, 0.2, 0.2), // slice 0, offset 0: gradient [0.2, 0.8] at 0
+        (1, 1, 2, 0.8, 0.8), // offset 1 of 1
+        (2, 3, 3, 0.9, 0.9), // a one-layer slice: position 1
+        (3, 1, 1, 0.6, 0.3), // slice 2: the top level (mlp 0.3, else 0.6)
+        (4, 2, 2, 0.6, 0.3),
+    ];
+    for (out, la, lb, t_attn, t_mlp) in table {
+        for (kind, t) in [("self_attn.q_proj", t_attn), ("mlp.up_proj", t_mlp)] {
+            let name = format!("model.layers.{out}.{kind}.weight");
+            let want = common::reference(
+                &tensor(0, &format!("model.layers.{la}.{kind}.weight")),
+                &tensor(5, &format!("model.layers.{lb}.{kind}.weight")),
+                t,
+                1e-8,
+                Some(0.9995),
+            );
+            close(&name, &got[&name], &want);
+        }
+    }
+    assert_eq!(got.len(), 3 + 2 * 5);
+    // Before the layers: the first slice at position 0; after (Llama): the last slice's.
+    for (name, t) in [
+        ("model.embed_tokens.weight", 0.2),
+        ("model.norm.weight", 0.6),
+        ("lm_head.weight", 0.6),
+    ] {
+        let want = common::reference(&tensor(0, name), &tensor(5, name), t, 1e-8, Some(0.9995));
+        close(name, &got[name], &want);
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["num_hidden_layers"], 5);
+    assert_eq!(
+        config["layer_types"],
+        serde_json::json!(["full", "sliding", "sliding", "sliding", "full"])
+    );
+
+    // An architecture the table does not know: every tensor outside the layers is "before";
+    // first and last slices that disagree on them are refused, by name.
+    model(&dir, "c", 0, "SomethingNewForCausalLM", None);
+    model(&dir, "d", 5, "SomethingNewForCausalLM", None);
+    let recipe = std::fs::read_to_string(dir.join("recipe.yml"))
+        .unwrap()
+        .replace("./a", "./c")
+        .replace("./b", "./d");
+    std::fs::write(dir.join("unknown.yml"), recipe).unwrap();
+    let e = fails(&dir, &["yaml", "unknown.yml", "out3"]);
+    assert!(
+        e.contains("lies outside the layers") && e.contains("SomethingNewForCausalLM"),
+        "{e}"
+    );
+}
+
+/// mergekit counts a zero norm as 1: a zero tensor against `b` gives `sin(tπ/2)·b`; `--exact`
+/// lerps.
+#[test]
+fn zero_tensors_follow_mergekit_or_exact() {
+    let dir = scratch("zero");
+    let zero = "model.layers.2.mlp.up_proj.weight";
+    model(&dir, "a", 0, "LlamaForCausalLM", Some(zero));
+    model(&dir, "b", 5, "LlamaForCausalLM", None);
+    std::fs::write(
+        dir.join("recipe.yml"),
+        "models:\n  - model: ./a\n  - model: ./b\nmerge_method: slerp\nbase_model: ./a\nparameters:\n  t: 0.5\n",
+    )
+    .unwrap();
+    succeeds(&dir, &["yaml", "recipe.yml", "mergekit", "-q"]);
+    succeeds(&dir, &["yaml", "recipe.yml", "exact", "--exact", "-q"]);
+    let b = tensor(5, zero);
+    let s = (std::f64::consts::FRAC_PI_4).sin();
+    let want: Vec<f64> = b.iter().map(|y| s * y).collect();
+    close(
+        zero,
+        &read(&dir.join("mergekit/model.safetensors"))[zero],
+        &want,
+    );
+    let half: Vec<f64> = b.iter().map(|y| 0.5 * y).collect();
+    close(
+        zero,
+        &read(&dir.join("exact/model.safetensors"))[zero],
+        &half,
+    );
+}
+
+#[test]
+fn refused_recipes_say_what_instead() {
+    let dir = scratch("refused");
+    model(&dir, "a", 0, "LlamaForCausalLM", None);
+    model(&dir, "b", 5, "LlamaForCausalLM", None);
+    let head = "models:\n  - model: ./a\n  - model: ./b\nbase_model: ./a\n";
+    let cases = [
+        (
+            "merge_method: ties\nparameters:\n  t: 0.5\n",
+            "burn-slerp mean",
+        ),
+        (
+            "merge_method: slerp\nparameters:\n  t: 0.5\nmodules: {}\n",
+            "`modules:`",
+        ),
+        (
+            "merge_method: slerp\nparameters:\n  t: 0.5\ntokenizer_source: union\n",
+            "union",
+        ),
+        (
+            "merge_method: slerp\nparameters:\n  t: 0.5\ntokenizer:\n  source: base\n",
+            "`tokenizer:`",
+        ),
+        (
+            "merge_method: slerp\nparameters:\n  t: 0.5\nchat_template: chatml\n",
+            "chat_template",
+        ),
+        (
+            "merge_method: slerp\nparameters:\n  t: 1.5\n",
+            "outside [0, 1]",
+        ),
+        (
+            "merge_method: slerp\nparameters:\n  t: 0.5\nfancy: 1\n",
+            "unknown field `fancy`",
+        ),
+        (
+            "merge_method: slerp\nparameters:\n  t:\n    - filter: mlp\n      value: 0.5\n",
+            "missing t for `lm_head.weight`",
+        ),
+    ];
+    for (i, (tail, expect)) in cases.iter().enumerate() {
+        let file = format!("r{i}.yml");
+        std::fs::write(dir.join(&file), format!("{head}{tail}")).unwrap();
+        let e = fails(&dir, &["yaml", &file, "out"]);
+        assert!(e.contains(expect), "case {i}: {e}");
+    }
+    std::fs::write(
+        dir.join("lora.yml"),
+        "models:\n  - model: ./a\n  - model: ./b+./adapter\nbase_model: ./a\nmerge_method: slerp\nparameters:\n  t: 0.5\n",
+    )
+    .unwrap();
+    assert!(fails(&dir, &["yaml", "lora.yml", "out"]).contains("LoRA"));
+    std::fs::write(
+        dir.join("nobase.yml"),
+        "models:\n  - model: ./a\n  - model: ./b\nmerge_method: slerp\nparameters:\n  t: 0.5\n",
+    )
+    .unwrap();
+    assert!(fails(&dir, &["yaml", "nobase.yml", "out"]).contains("base_model"));
+    // Per-model t is read but ignored, as mergekit ignores it: a warning.
+    std::fs::write(
+        dir.join("warn.yml"),
+        "models:\n  - model: ./a\n  - model: ./b\n    parameters:\n      t: 0.9\nbase_model: ./a\nmerge_method: slerp\nparameters:\n  t: 0.5\n",
+    )
+    .unwrap();
+    let o = succeeds(&dir, &["yaml", "warn.yml", "out"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is ignored, as mergekit ignores it"));
+    assert!(dir.join("out/model.safetensors").exists());
+}
