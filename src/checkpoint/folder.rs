@@ -117,7 +117,8 @@ fn with_dtype(text: &str, dtype: DType, path: &Path) -> Result<String, Checkpoin
     Ok(out + "\n")
 }
 
-/// `config.json`'s text with `num_hidden_layers` set to the number of output layers, and each
+/// `config.json`'s text with `num_hidden_layers` (GPT-2: `n_layer`) set to the number of output
+/// layers, and each
 /// per-layer list (a list as long as the input's layer count, such as `layer_types`) taken
 /// layer by layer from the input layer each output layer comes from.
 fn with_layers(text: &str, layers: &[usize], path: &Path) -> Result<String, CheckpointError> {
@@ -129,7 +130,11 @@ fn with_layers(text: &str, layers: &[usize], path: &Path) -> Result<String, Chec
     let Some(object) = config.as_object_mut() else {
         return Ok(text.to_string());
     };
-    let Some(count) = object.get("num_hidden_layers").and_then(|n| n.as_u64()) else {
+    // `n_layer` in GPT-2's config, `num_hidden_layers` elsewhere.
+    let Some((key, count)) = ["num_hidden_layers", "n_layer"]
+        .into_iter()
+        .find_map(|k| object.get(k).and_then(|n| n.as_u64()).map(|n| (k, n)))
+    else {
         return Ok(text.to_string());
     };
     if count as usize == layers.len() && layers.iter().enumerate().all(|(i, l)| i == *l) {
@@ -143,7 +148,7 @@ fn with_layers(text: &str, layers: &[usize], path: &Path) -> Result<String, Chec
             *items = layers.iter().map(|l| items[*l].clone()).collect();
         }
     }
-    object.insert("num_hidden_layers".into(), layers.len().into());
+    object.insert(key.into(), layers.len().into());
     Ok(serde_json::to_string_pretty(&config).expect("JSON values serialise") + "\n")
 }
 
