@@ -101,10 +101,19 @@ fn slerp_with<const D: usize>(
     config.validate()?;
     check_pair("", &TensorInfo::of(&a), &TensorInfo::of(&b))?;
     let autodiff = AutodiffState::of(&a);
+    let (out, stats) = finished(interpolate(a.inner(), b.inner(), config, choice))?;
+    Ok((autodiff.restore(out), stats))
+}
+
+/// One interpolation's result with its statistics read (from the device, where they are
+/// still there), or [`MergeError::NonFinite`] with an empty path.
+pub(crate) fn finished<const D: usize>(
+    result: Interpolated<D>,
+) -> Result<(Tensor<D>, Option<TensorStats>), MergeError> {
     let non_finite = || MergeError::NonFinite {
         path: String::new(),
     };
-    let Interpolated::Done(out, summary) = interpolate(a.inner(), b.inner(), config, choice) else {
+    let Interpolated::Done(out, summary) = result else {
         return Err(non_finite());
     };
     let stats = match summary {
@@ -115,7 +124,7 @@ fn slerp_with<const D: usize>(
         ),
         None => None,
     };
-    Ok((autodiff.restore(out), stats))
+    Ok((out, stats))
 }
 
 /// What the pair checks need to know of one tensor. Nothing is initialised to learn it: the

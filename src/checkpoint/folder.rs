@@ -76,6 +76,13 @@ fn auto_map_files(config: &serde_json::Value) -> Vec<String> {
     files
 }
 
+fn parse_config(text: &str, path: &Path) -> Result<serde_json::Value, CheckpointError> {
+    serde_json::from_str(text).map_err(|e| CheckpointError::Format {
+        path: path.to_path_buf(),
+        message: format!("not a valid config.json: {e}"),
+    })
+}
+
 /// The name `transformers` gives a dtype in `config.json`.
 fn torch_name(dtype: DType) -> Option<&'static str> {
     match dtype {
@@ -93,11 +100,7 @@ fn with_dtype(text: &str, dtype: DType, path: &Path) -> Result<String, Checkpoin
     let Some(name) = torch_name(dtype) else {
         return Ok(text.to_string());
     };
-    let mut config: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| CheckpointError::Format {
-            path: path.to_path_buf(),
-            message: format!("not a valid config.json: {e}"),
-        })?;
+    let mut config = parse_config(text, path)?;
     let Some(object) = config.as_object_mut() else {
         return Ok(text.to_string());
     };
@@ -122,11 +125,7 @@ fn with_dtype(text: &str, dtype: DType, path: &Path) -> Result<String, Checkpoin
 /// per-layer list (a list as long as the input's layer count, such as `layer_types`) taken
 /// layer by layer from the input layer each output layer comes from.
 fn with_layers(text: &str, layers: &[usize], path: &Path) -> Result<String, CheckpointError> {
-    let mut config: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| CheckpointError::Format {
-            path: path.to_path_buf(),
-            message: format!("not a valid config.json: {e}"),
-        })?;
+    let mut config = parse_config(text, path)?;
     let Some(object) = config.as_object_mut() else {
         return Ok(text.to_string());
     };

@@ -85,30 +85,30 @@ pub(crate) fn snapshot(
     if !commit.is_empty() && dir.is_dir() {
         return Ok(dir);
     }
-    let mut there: Vec<String> = std::fs::read_dir(model.join("snapshots"))
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    there.sort();
-    let mut refs: Vec<String> = std::fs::read_dir(model.join("refs"))
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    refs.sort();
+    let (there, refs) = (
+        names_in(&model.join("snapshots")),
+        names_in(&model.join("refs")),
+    );
     Err(missing(format!(
         "revision `{revision}` of `{repo}` is not in the Hugging Face cache (snapshots there: \
          [{}]; refs: [{}]; nothing is downloaded)",
         there.join(", "),
         refs.join(", ")
     )))
+}
+
+/// The entry names of a folder, sorted (none when it cannot be read).
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 /// `spec` as a path when it names an existing file or folder, else as a hub model in the cache.

@@ -64,6 +64,21 @@ pub(crate) struct Entry {
     pub(crate) bytes: usize,
 }
 
+impl Entry {
+    /// The entry of a tensor burn-store's readers rebuilt (burnpack or PyTorch).
+    fn of(t: &burn_pack::Tensor, shard: usize, param_id: Option<u64>) -> Self {
+        Entry {
+            name: t.name.clone(),
+            dtype: Some(t.dtype),
+            label: label(t.dtype),
+            shape: t.shape.to_vec(),
+            shard,
+            param_id,
+            bytes: t.byte_len(),
+        }
+    }
+}
+
 /// One memory-mapped, validated safetensors file.
 struct Shard {
     /// The file name, as the index names it.
@@ -326,15 +341,7 @@ impl Checkpoint {
         let tensors = reader.into_tensors().map_err(invalid)?;
         let entries = tensors
             .iter()
-            .map(|t| Entry {
-                name: t.name.clone(),
-                dtype: Some(t.dtype),
-                label: label(t.dtype),
-                shape: t.shape.to_vec(),
-                shard: 0,
-                param_id: t.param_id,
-                bytes: t.byte_len(),
-            })
+            .map(|t| Entry::of(t, 0, t.param_id))
             .collect();
         Ok(Self::new(
             path,
@@ -588,17 +595,6 @@ fn read_pytorch(
         .filter(|(name, _)| keep(name))
         .map(|(_, t)| t.clone())
         .collect();
-    let entries = tensors
-        .iter()
-        .map(|t| Entry {
-            name: t.name.clone(),
-            dtype: Some(t.dtype),
-            label: label(t.dtype),
-            shape: t.shape.to_vec(),
-            shard,
-            param_id: None,
-            bytes: t.byte_len(),
-        })
-        .collect();
+    let entries = tensors.iter().map(|t| Entry::of(t, shard, None)).collect();
     Ok((tensors, entries))
 }

@@ -75,23 +75,9 @@ pub(crate) fn task_vector_slerp_with_stats<const D: usize>(
     b: Tensor<D>,
     config: &SlerpConfig,
 ) -> Result<(Tensor<D>, Option<crate::stats::TensorStats>), crate::error::MergeError> {
-    use crate::interpolate::{TensorInfo, check_pair, read_summaries};
+    use crate::interpolate::{TensorInfo, check_pair};
     config.validate()?;
     check_pair("", &TensorInfo::of(&a), &TensorInfo::of(&b))?;
     check_pair("", &TensorInfo::of(&a), &TensorInfo::of(&base))?;
-    let non_finite = || crate::error::MergeError::NonFinite {
-        path: String::new(),
-    };
-    let Interpolated::Done(out, summary) = interpolate_task_vectors(base, a, b, config) else {
-        return Err(non_finite());
-    };
-    let stats = match summary {
-        Some(summary) => Some(
-            read_summaries(vec![summary])
-                .remove(0)
-                .ok_or_else(non_finite)?,
-        ),
-        None => None,
-    };
-    Ok((out, stats))
+    crate::interpolate::finished(interpolate_task_vectors(base, a, b, config))
 }
