@@ -20,37 +20,10 @@ use half::{bf16, f16};
 use proptest::prelude::*;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-/// A scratch directory of its own per test, removed when the test passes (kept for a look
-/// when it fails).
-struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl AsRef<Path> for Scratch {
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
+use common::scratch::Scratch;
 
 fn scratch(name: &str) -> Scratch {
-    let dir = std::env::temp_dir().join(format!("burn-slerp-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    Scratch(dir)
+    common::scratch::scratch("cli", name)
 }
 
 /// One tensor to write: name, dtype, shape, f64 values (converted to the dtype).

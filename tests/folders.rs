@@ -13,30 +13,10 @@ use std::process::{Command, Output};
 use half::bf16;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-/// A scratch folder per test, removed when the test passes.
-struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
+use common::scratch::Scratch;
 
 fn scratch(name: &str) -> Scratch {
-    let dir =
-        std::env::temp_dir().join(format!("burn-slerp-folders-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    Scratch(dir)
+    common::scratch::scratch("folders", name)
 }
 
 fn fixture(name: &str) -> PathBuf {

@@ -76,16 +76,38 @@ pub(super) fn to_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
     }
 }
 
-/// A float tensor's values as f32: the stored bytes themselves for an f32 tensor on a
-/// little-endian host when they lie on a 4-byte boundary (the format does not promise it),
-/// otherwise widened (or narrowed, from f64) into `scratch`, which keeps its memory for the next
-/// tensor.
+/// Whether values stored as `dtype` change when rounded to `to` before a merge (a mergekit
+/// recipe's `dtype`): `to` is f16 or bf16 and not the stored dtype.
+pub(super) fn rounds(dtype: DType, to: Option<DType>) -> bool {
+    matches!(to, Some(DType::F16 | DType::BF16)) && to != Some(dtype)
+}
+
+/// Rounds f32 values to `to` (f16 or bf16), kept in f32.
+pub(super) fn round_to(values: &mut [f32], to: Option<DType>) {
+    match to {
+        Some(DType::F16) => values
+            .iter_mut()
+            .for_each(|v| *v = f16::from_f32(*v).to_f32()),
+        Some(DType::BF16) => values
+            .iter_mut()
+            .for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+        _ => {}
+    }
+}
+
+/// A float tensor's values as f32, rounded to `round` first where [`rounds`] says so: the
+/// stored bytes themselves for an f32 tensor on a little-endian host when they lie on a 4-byte
+/// boundary (the format does not promise it) and nothing is rounded, otherwise widened (or
+/// narrowed, from f64) into `scratch`, which keeps its memory for the next tensor.
 pub(super) fn f32_values<'a>(
     dtype: DType,
     bytes: &'a [u8],
     scratch: &'a mut Vec<f32>,
+    round: Option<DType>,
 ) -> &'a [f32] {
-    if matches!(dtype, DType::F32 | DType::Flex32)
+    let round = round.filter(|_| rounds(dtype, round));
+    if round.is_none()
+        && matches!(dtype, DType::F32 | DType::Flex32)
         && cfg!(target_endian = "little")
         && let Ok(values) = bytemuck::try_cast_slice::<u8, f32>(bytes)
     {
@@ -115,6 +137,7 @@ pub(super) fn f32_values<'a>(
         ),
         other => unreachable!("not a float dtype: {other:?}"),
     }
+    round_to(scratch, round);
     scratch
 }
 

@@ -4,6 +4,7 @@
 //! index), or a `.bpk` burnpack file (burn-store's writer over deferred tensors, which owns
 //! each tensor's bytes).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -16,7 +17,8 @@ use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use safetensors::tensor::{Metadata, TensorInfo};
 
 use super::convert::{
-    convert, encode, encode_f32, f32_values, label, to_f32, to_f64, to_safetensors,
+    convert, encode, encode_f32, f32_values, label, round_to, rounds, to_f32, to_f64,
+    to_safetensors,
 };
 use super::error::CheckpointError;
 use super::folder::write_model_files;
@@ -120,23 +122,27 @@ impl Writing {
         Ok((dtype, from.bytes(name)?))
     }
 
-    /// Rounds values to [`Self::input_dtype`] where it is narrower than f32.
-    fn round_inputs(&self, values: &mut [f32]) {
-        match self.input_dtype {
-            Some(DType::F16) => values
-                .iter_mut()
-                .for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
-            Some(DType::BF16) => values
-                .iter_mut()
-                .for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
-            _ => {}
-        }
-    }
-
-    /// Whether inputs stored as `dtype` change when rounded to [`Self::input_dtype`].
-    fn rounds(&self, dtype: DType) -> bool {
-        matches!(self.input_dtype, Some(DType::F16 | DType::BF16))
-            && self.input_dtype != Some(dtype)
+    /// The output tensor's values in `from` as a flat tensor on the options' device, in its
+    /// compute dtype (f64, or f32 rounded to [`Self::input_dtype`] first where that is
+    /// narrower).
+    fn load(&self, from: &Checkpoint, tensor: &OutputTensor) -> Result<Tensor<1>, CheckpointError> {
+        let n: usize = tensor.shape.iter().product();
+        let compute = compute_dtype(tensor.dtype).expect("a float dtype");
+        let (dtype, bytes) = self.read(from, &tensor.name)?;
+        let values = match compute {
+            FloatDType::F64 => TensorData::new(to_f64(dtype, &bytes), [n]),
+            _ => {
+                let mut values = to_f32(dtype, &bytes);
+                if rounds(dtype, self.input_dtype) {
+                    round_to(&mut values, self.input_dtype);
+                }
+                TensorData::new(values, [n])
+            }
+        };
+        Ok(Tensor::from_data(
+            values,
+            (&self.options.device, compute.into()),
+        ))
     }
 
     /// Whether an input is a model folder, so that a folder output is one too.
@@ -197,17 +203,17 @@ impl Writing {
         if t == 0.0 || t == 1.0 {
             let from = if t == 0.0 { &self.a } else { &self.b };
             let (dtype, bytes) = self.read(from, name)?;
-            if dtype == tensor.dtype && !self.rounds(dtype) {
-                return emit(&bytes);
-            }
             let fits =
                 |bytes: Option<Vec<u8>>| bytes.ok_or_else(|| does_not_fit(name, tensor.dtype));
             let (dtype, bytes) = match self.input_dtype {
-                Some(rounded) if self.rounds(dtype) => {
-                    (rounded, fits(convert(dtype, &bytes, rounded))?)
+                Some(rounded) if rounds(dtype, self.input_dtype) => {
+                    (rounded, Cow::Owned(fits(convert(dtype, &bytes, rounded))?))
                 }
-                _ => (dtype, bytes.to_vec()),
+                _ => (dtype, Cow::Borrowed(&*bytes)),
             };
+            if dtype == tensor.dtype {
+                return emit(&bytes);
+            }
             return emit(&fits(convert(dtype, &bytes, tensor.dtype))?);
         }
         let config = self.options.config.clone().with_t(t).with_schedule(None);
@@ -249,33 +255,8 @@ impl Writing {
                 (Err(e), _) | (_, Err(e)) => return Some(Err(e)),
             };
         let Scratch { a, b, out, bytes } = scratch;
-        let values = |dtype: DType, stored: &[u8], buffer: &mut Vec<f32>| {
-            if self.rounds(dtype) {
-                let owned = f32_values(dtype, stored, buffer).to_vec();
-                *buffer = owned;
-                self.round_inputs(buffer);
-            } else {
-                let _ = f32_values(dtype, stored, buffer);
-            }
-        };
-        values(dtype_a, &bytes_a, a);
-        values(dtype_b, &bytes_b, b);
-        let pick = |dtype: DType, stored: &'_ [u8]| -> bool {
-            !self.rounds(dtype)
-                && matches!(dtype, DType::F32 | DType::Flex32)
-                && cfg!(target_endian = "little")
-                && bytemuck::try_cast_slice::<u8, f32>(stored).is_ok()
-        };
-        let xa: &[f32] = if pick(dtype_a, &bytes_a) {
-            bytemuck::cast_slice(&bytes_a)
-        } else {
-            a
-        };
-        let xb: &[f32] = if pick(dtype_b, &bytes_b) {
-            bytemuck::cast_slice(&bytes_b)
-        } else {
-            b
-        };
+        let xa = f32_values(dtype_a, &bytes_a, a, self.input_dtype);
+        let xb = f32_values(dtype_b, &bytes_b, b, self.input_dtype);
         if n == 0 {
             return Some(emit(&[]));
         }
@@ -330,22 +311,7 @@ impl Writing {
     ) -> Result<Vec<u8>, CheckpointError> {
         let name = &tensor.name;
         let n: usize = tensor.shape.iter().product();
-        let device = &self.options.device;
-        let compute = compute_dtype(tensor.dtype).expect("a float dtype");
-        let load = |from: &Checkpoint| -> Result<Tensor<1>, CheckpointError> {
-            let (dtype, bytes) = self.read(from, name)?;
-            let values = match compute {
-                FloatDType::F64 => TensorData::new(to_f64(dtype, &bytes), [n]),
-                _ => {
-                    let mut values = to_f32(dtype, &bytes);
-                    if self.rounds(dtype) {
-                        self.round_inputs(&mut values);
-                    }
-                    TensorData::new(values, [n])
-                }
-            };
-            Ok(Tensor::from_data(values, (device, compute.into())))
-        };
+        let load = |from: &Checkpoint| self.load(from, tensor);
         let (a, b) = (load(&self.a)?, load(&self.b)?);
         let base = self.base.as_ref().map(load).transpose()?;
         let merge_error = |e: MergeError| match e {
@@ -384,19 +350,11 @@ impl Writing {
     fn merge_mean(&self, tensor: &OutputTensor) -> Result<Vec<u8>, CheckpointError> {
         let (mean, rest) = self.mean.as_ref().expect("a mean");
         let name = &tensor.name;
-        let n: usize = tensor.shape.iter().product();
-        let device = &self.options.device;
-        let compute = compute_dtype(tensor.dtype).expect("a float dtype");
-        let mut tensors = Vec::with_capacity(2 + rest.len());
-        for from in [&self.a, &self.b].into_iter().chain(rest) {
-            let dtype = from.entry(name).and_then(|e| e.dtype).expect("planned");
-            let bytes = from.bytes(name)?;
-            let values = match compute {
-                FloatDType::F64 => TensorData::new(to_f64(dtype, &bytes), [n]),
-                _ => TensorData::new(to_f32(dtype, &bytes), [n]),
-            };
-            tensors.push(Tensor::<1>::from_data(values, (device, compute.into())));
-        }
+        let tensors = [&self.a, &self.b]
+            .into_iter()
+            .chain(rest)
+            .map(|from| self.load(from, tensor))
+            .collect::<Result<Vec<_>, _>>()?;
         let (out, mut stats) = mean.mean(tensors).map_err(|e| match e {
             MergeError::NonFinite { .. } => CheckpointError::NonFinite {
                 name: name.clone(),

@@ -49,7 +49,9 @@ struct Recipe {
     chat_template: Option<serde_json::Value>,
     #[serde(default)]
     modules: Option<serde_json::Value>,
+    /// A name for the merged model; read and not used, as mergekit uses it only for its card.
     #[serde(default)]
+    #[allow(dead_code)]
     name: Option<String>,
 }
 
@@ -311,18 +313,11 @@ pub fn plan_yaml(recipe: &Path, exact: bool) -> Result<YamlPlan, CheckpointError
         path: recipe.to_path_buf(),
         message: format!("not a recipe this reader knows: {e}"),
     })?;
-    let _ = &parsed.name;
-    let mut plan = resolve_recipe(parsed, exact, &|model| Checkpoint::open(Path::new(model)))?;
-    plan.exact = exact;
-    Ok(plan)
+    resolve_recipe(parsed, exact)
 }
 
-/// The recipe against its models, opened by `open` (tests give fakes).
-fn resolve_recipe(
-    recipe: Recipe,
-    exact: bool,
-    open: &dyn Fn(&str) -> Result<Checkpoint, CheckpointError>,
-) -> Result<YamlPlan, CheckpointError> {
+/// The recipe against its models, opened here.
+fn resolve_recipe(recipe: Recipe, exact: bool) -> Result<YamlPlan, CheckpointError> {
     if recipe.merge_method != "slerp" {
         return Err(refused(format!(
             "merge_method `{}` is not supported: only `slerp` is (for a weighted spherical mean of N \
@@ -475,6 +470,7 @@ fn resolve_recipe(
         Some(d) => Some(dtype_of(d, "out_dtype")?),
         None => input_dtype,
     };
+    let open = |model: &str| Checkpoint::open(Path::new(model));
     let (a, b) = (open(&base)?, open(&other)?);
 
     let layers_of = |c: &Checkpoint| {

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 pub mod in_place;
 pub mod recipes;
+pub mod scratch;
 pub use in_place::*;
 pub use recipes::*;
 
