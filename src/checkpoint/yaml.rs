@@ -680,7 +680,7 @@ pub fn yaml_files(
     progress: impl FnMut(Progress<'_>) + Send + 'static,
 ) -> Result<MergeReport, CheckpointError> {
     let (a, b) = plan.inputs.take().expect("opened by plan_yaml");
-    let output = super::output_format(out)?;
+    let output = super::plan::output_format(out)?;
     for file in a.files().iter().chain(b.files().iter()) {
         if write::same_file(file, out) {
             return Err(CheckpointError::OverwritesInput {
