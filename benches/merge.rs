@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{Device, Distribution, Tensor};
-use burn_slerp::{SlerpConfig, SlerpMerger, WalkOrder, slerp};
+use burn_slerp::{SlerpConfig, SlerpMerger, SphericalMean, WalkOrder, slerp};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rayon::prelude::*;
 use wide::f32x8;
@@ -327,6 +327,82 @@ fn in_place_figures(
     );
 }
 
+/// The floor of a three-input merge of these tensors: one pass for the 3×3 Gram matrix (six
+/// f32 lanes per chunk, chunks added in f64), fixed coefficients, one pass writing
+/// `Σ cᵢ·xᵢ` into outputs allocated (and touched) beforehand, on both cores.
+fn reference_three(xs: [&[Vec<f32>]; 3], out: &mut [Vec<f32>]) -> f64 {
+    const CHUNK: usize = 1 << 16;
+    let mut check = 0.0;
+    for (t, out) in out.iter_mut().enumerate() {
+        let (x, y, z) = (&xs[0][t], &xs[1][t], &xs[2][t]);
+        let g = x
+            .par_chunks(CHUNK)
+            .zip(y.par_chunks(CHUNK))
+            .zip(z.par_chunks(CHUNK))
+            .map(|((x, y), z)| {
+                let mut acc = [f32x8::ZERO; 6];
+                let (xs, _) = x.as_chunks::<8>();
+                let (ys, _) = y.as_chunks::<8>();
+                let (zs, _) = z.as_chunks::<8>();
+                for ((x, y), z) in xs.iter().zip(ys).zip(zs) {
+                    let (x, y, z) = (f32x8::from(*x), f32x8::from(*y), f32x8::from(*z));
+                    acc[0] = x.mul_add(x, acc[0]);
+                    acc[1] = x.mul_add(y, acc[1]);
+                    acc[2] = x.mul_add(z, acc[2]);
+                    acc[3] = y.mul_add(y, acc[3]);
+                    acc[4] = y.mul_add(z, acc[4]);
+                    acc[5] = z.mul_add(z, acc[5]);
+                }
+                acc.map(|a| a.reduce_add() as f64)
+            })
+            .reduce(|| [0.0; 6], |p, q| std::array::from_fn(|i| p[i] + q[i]));
+        check += g.iter().sum::<f64>();
+        let (c0, c1, c2) = (0.3f32, 0.3f32, 0.4f32);
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .zip(y.par_chunks(CHUNK))
+            .zip(z.par_chunks(CHUNK))
+            .for_each(|(((o, x), y), z)| {
+                for (((o, x), y), z) in o.iter_mut().zip(x).zip(y).zip(z) {
+                    *o = c0 * x + c1 * y + c2 * z;
+                }
+            });
+    }
+    check
+}
+
+/// The three-model spherical mean of GPT-2-small shapes, consuming and borrowed, its peak
+/// memory, and the three-input reference, in one run.
+fn mean_figures(name: &str, device: &Device, a: &Gpt2Small, b: &Gpt2Small, c: &Gpt2Small) {
+    let mean = SphericalMean::new(vec![1.0, 1.0, 1.0]).unwrap();
+    let copy = deep_copy(a);
+    if let Some((before, _)) = memory(true) {
+        let merged = mean.merge_into(copy, &[b, c]).unwrap();
+        if let Some((_, peak)) = memory(false) {
+            println!(
+                "memory gpt2_small {name}: mean merge_into of 3 adds {:.1} MB at peak",
+                (peak as f64 - before as f64) / 1e6
+            );
+        }
+        drop(merged);
+    }
+    let runs = 7;
+    let into_s = median_consuming_s(device, a, runs, |copy| {
+        mean.merge_into(copy, &[b, c]).unwrap()
+    });
+    let merge_s = median_s(device, runs, || mean.merge(&[a, b, c]).unwrap());
+    let (ha, hb, hc) = (host_tensors(a), host_tensors(b), host_tensors(c));
+    let mut out: Vec<Vec<f32>> = ha.iter().map(|t| vec![0.0; t.len()]).collect();
+    let reference_s = median_s(device, runs, || {
+        black_box(reference_three([&ha, &hb, &hc], &mut out));
+        black_box(&out);
+    });
+    println!(
+        "mean gpt2_small {name}: SphericalMean of 3: merge_into {into_s:.4} s, merge          {merge_s:.4} s, three-input reference {reference_s:.4} s; merge_into / reference {:.2}",
+        into_s / reference_s
+    );
+}
+
 /// `BENCH_ONLY=files` or `BENCH_ONLY=memory` runs one half of the bench.
 fn only(part: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |only| only == part)
@@ -375,6 +451,8 @@ fn bench_merge(c: &mut Criterion) {
         summary("gpt2_small", name, params as usize, merge_s);
         if name != "wgpu" {
             in_place_figures(name, &device, &a, &b, &merger);
+            let c3 = gpt2_small(&device);
+            mean_figures(name, &device, &a, &b, &c3);
         } else {
             let into_s =
                 median_consuming_s(&device, &a, 7, |copy| merger.merge_into(copy, &b).unwrap());
@@ -515,16 +593,18 @@ mod files {
         v[v.len() / 2]
     }
 
-    pub fn figures<M: Module>(a: &M, b: &M, largest_bytes: u64) {
+    pub fn figures<M: Module>(a: &M, b: &M, c: &M, largest_bytes: u64) {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-files");
         std::fs::create_dir_all(&dir).unwrap();
-        let (pa, pb, out) = (
+        let (pa, pb, pc, out) = (
             dir.join("a.safetensors"),
             dir.join("b.safetensors"),
+            dir.join("c.safetensors"),
             dir.join("out.safetensors"),
         );
         write(a, &pa);
         write(b, &pb);
+        write(c, &pc);
         // Dirty pages left by the previous write are flushed (untimed) before each timed one,
         // so that neither `cp` nor the merge is throttled by the other's writeback.
         let settle = |out: &Path| {
@@ -532,8 +612,26 @@ mod files {
             let _ = Command::new("sync").status();
         };
         let runs = 5;
-        let (mut merge, mut cp) = (Vec::new(), Vec::new());
+        let (mut merge, mut cp, mut mean, mut base) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let cli = || Command::new(env!("CARGO_BIN_EXE_burn-slerp"));
         for _ in 0..runs {
+            settle(&out);
+            mean.push(run(cli()
+                .arg("mean")
+                .args([&pa, &pb, &pc])
+                .arg("-o")
+                .arg(&out)
+                .arg("-q")));
+            settle(&out);
+            base.push(run(cli()
+                .arg("merge")
+                .args([&pa, &pb])
+                .arg("--base")
+                .arg(&pc)
+                .arg("-o")
+                .arg(&out)
+                .args(["-t", "0.5", "-q"])));
             // Alternating, so that both see the same page cache.
             settle(&out);
             cp.push(run(Command::new("cp")
@@ -569,6 +667,18 @@ mod files {
             (3 * largest_bytes + 64_000_000) as f64 / 1e6,
             file as f64 / 1e6
         );
+        let peak_of = |v: &[(f64, f64, f64, u64)]| v.iter().map(|r| r.3).max().unwrap_or(0);
+        println!(
+            "files gpt2_small: burn-slerp mean of 3 wall {:.3} s, peak anonymous {:.1} MB; \
+             merge --base wall {:.3} s, peak anonymous {:.1} MB; mean / merge {:.2}, --base / \
+             merge {:.2}",
+            pick(&mean, 0),
+            peak_of(&mean) as f64 / 1e6,
+            pick(&base, 0),
+            peak_of(&base) as f64 / 1e6,
+            pick(&mean, 0) / wall,
+            pick(&base, 0) / wall
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
@@ -579,9 +689,13 @@ fn bench_files(_: &mut Criterion) {
         return;
     }
     let device = Device::flex();
-    let (a, b) = (gpt2_small(&device), gpt2_small(&device));
+    let (a, b, c) = (
+        gpt2_small(&device),
+        gpt2_small(&device),
+        gpt2_small(&device),
+    );
     let largest = host_tensors(&a).iter().map(|t| t.len()).max().unwrap() as u64 * 4;
-    files::figures(&a, &b, largest);
+    files::figures(&a, &b, &c, largest);
 }
 
 #[cfg(not(feature = "cli"))]

@@ -99,6 +99,17 @@ pub enum MergeError {
         path: String,
     },
 
+    /// mergekit's `multislerp` of more than two inputs whose weighted directions cancel at
+    /// this parameter (the weighted mean of the unit vectors is shorter than `eps`): it has no
+    /// mean there, as mergekit says too.
+    #[error(
+        "the weighted directions of parameter `{path}` cancel: multislerp of more than two inputs has no mean there; change the weights"
+    )]
+    CancellingDirections {
+        /// Parameter path.
+        path: String,
+    },
+
     /// One model reports two parameters at the same path (a hand-written `Module` that enters
     /// the same name twice): they could not be paired.
     #[error("{} appears twice in model {model}", show(path))]

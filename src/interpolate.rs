@@ -443,7 +443,15 @@ pub(crate) fn prepare<const D: usize>(
             return Some((prepared, Some(Summary::OnDevice(stats))));
         }
         Route::Cpu => {
-            let fused = PairStats::triples(&kernels::cpu::stats(a.clone(), b.clone(), rows));
+            let packed = kernels::cpu::gram(&[a.clone(), b.clone()], None, rows);
+            let fused: Vec<PairStats> = packed
+                .chunks_exact(3)
+                .map(|g| PairStats {
+                    aa: g[0],
+                    ab: g[1],
+                    bb: g[2],
+                })
+                .collect();
             if trusted(&fused, cols) {
                 fused
             } else {
@@ -509,11 +517,11 @@ pub(crate) fn apply<const D: usize>(pair: Pair<D>, prepared: Prepared) -> Tensor
         #[cfg(feature = "wgpu")]
         Prepared::Device(prepared) => kernels::cubecl::apply(a, b, *prepared),
         Prepared::Host(coeffs) if route == Route::Cpu => {
-            let flat = coeffs
+            let flat: Vec<f32> = coeffs
                 .iter()
                 .flat_map(|c| [c.c0 as f32, c.c1 as f32])
                 .collect();
-            kernels::cpu::combine(a, b, flat)
+            kernels::cpu::combine(a, &[b], None, &flat)
         }
         Prepared::Host(coeffs) => {
             let compute = compute_dtype(a.dtype()).expect("a float dtype");

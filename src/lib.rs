@@ -75,7 +75,9 @@
 pub mod checkpoint;
 mod config;
 mod control;
+mod engine;
 mod error;
+mod family;
 mod interpolate;
 mod kernels;
 mod module;
@@ -96,7 +98,7 @@ pub use kernels::storage_address;
 pub use module::SlerpMerger;
 #[doc(hidden)]
 pub use module::WalkOrder;
-pub use module::mean::{MeanStats, SphericalMean};
+pub use module::mean::{MeanMethod, MeanStats, SphericalMean};
 pub use numerics::{Branch, LerpReason};
 pub use report::{
     MergePlan, MergeReport, PlanEntry, RELATIVES_COSINE, ReportSummary, Sweep, SweepPoint,

@@ -55,6 +55,12 @@ macro_rules! device_suite {
                 consuming_task_vectors_and_mean_match,
                 progress_counts_every_tensor,
                 cancelled_merges_leave_models_intact,
+                mean_methods_match_their_formulas,
+                karcher_of_fine_tunes_holds_the_bar,
+                task_vectors_hold_the_bar_near_their_base,
+                mean_fallbacks_and_errors,
+                mean_of_mixed_dtypes,
+                mean_methods_on_models,
             );
         }
     };

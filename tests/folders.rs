@@ -943,3 +943,108 @@ fn mean_of_checkpoints_matches_the_closed_forms() {
         stderr(&o)
     );
 }
+
+/// `burn-slerp mean` (every method) and `merge --base` write the bits the library computes in
+/// memory on the same tensors: the file merge runs the same engine on its memory maps.
+#[test]
+fn mean_and_base_files_equal_the_library_in_memory() {
+    use burn::module::Param;
+    use burn::nn::Linear;
+    use burn::tensor::{Device, Tensor, TensorData};
+    use burn_slerp::{MeanMethod, SlerpConfig, SlerpMerger, SphericalMean};
+
+    let dir = scratch("engine");
+    let paths: Vec<PathBuf> = (0..3)
+        .map(|i| dir.join(format!("{i}.safetensors")))
+        .collect();
+    for (path, seed) in paths.iter().zip([31, 32, 33]) {
+        write(path, seed);
+    }
+    let device = Device::flex();
+    let stored = |seed: u64| -> BTreeMap<&'static str, Vec<f32>> {
+        spec(seed)
+            .into_iter()
+            .map(|(n, v)| (n, v.iter().map(|x| *x as f32).collect()))
+            .collect()
+    };
+    let inputs = [stored(31), stored(32), stored(33)];
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let flat = |v: &[f32]| Tensor::<1>::from_data(TensorData::new(v.to_vec(), [v.len()]), &device);
+    for (arg, method) in [
+        ("karcher", MeanMethod::Karcher),
+        (
+            "mergekit-karcher",
+            MeanMethod::MergekitKarcher {
+                max_iter: 10,
+                tol: 1e-5,
+            },
+        ),
+        (
+            "multislerp",
+            MeanMethod::Multislerp {
+                normalize_weights: true,
+                eps: 1e-8,
+            },
+        ),
+        ("linear", MeanMethod::Linear),
+    ] {
+        let out = dir.join(format!("{arg}.safetensors"));
+        succeeds(&[
+            "mean",
+            s(&paths[0]),
+            s(&paths[1]),
+            s(&paths[2]),
+            "--weights",
+            "0.5,0.3,0.2",
+            "--method",
+            arg,
+            "-o",
+            s(&out),
+            "-q",
+        ]);
+        let mean = SphericalMean::new(vec![0.5, 0.3, 0.2])
+            .unwrap()
+            .with_method(method);
+        for (name, (_, _, bytes)) in tensors(&out) {
+            let tensors = inputs.iter().map(|m| flat(&m[name.as_str()])).collect();
+            let (want, _) = mean.mean(tensors).unwrap();
+            let want: Vec<f32> = want.into_data().iter::<f32>().collect();
+            let got: Vec<f32> = f32s(&bytes).iter().map(|v| *v as f32).collect();
+            assert_eq!(bits(&got), bits(&want), "{arg}: {name}");
+        }
+    }
+    let out = dir.join("base.safetensors");
+    succeeds(&[
+        "merge",
+        s(&paths[0]),
+        s(&paths[1]),
+        "--base",
+        s(&paths[2]),
+        "-o",
+        s(&out),
+        "-t",
+        "0.3",
+        "-q",
+    ]);
+    let merger = SlerpMerger::new(SlerpConfig::new(0.3)).unwrap();
+    let layer = |v: &[f32]| Linear {
+        weight: Param::from_tensor(Tensor::<2>::from_data(
+            TensorData::new(v.to_vec(), [4, 6]),
+            &device,
+        )),
+        bias: None,
+    };
+    for (name, (_, _, bytes)) in tensors(&out) {
+        let [a, b, base] = [0, 1, 2].map(|i| layer(&inputs[i][name.as_str()]));
+        let want: Vec<f32> = merger
+            .merge_with_base(&base, &a, &b)
+            .unwrap()
+            .weight
+            .val()
+            .into_data()
+            .iter::<f32>()
+            .collect();
+        let got: Vec<f32> = f32s(&bytes).iter().map(|v| *v as f32).collect();
+        assert_eq!(bits(&got), bits(&want), "--base: {name}");
+    }
+}

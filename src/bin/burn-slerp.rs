@@ -6,6 +6,7 @@
 //!                      [--union | --intersection] [--base BASE] [--tokenizer-source a|b]
 //!                      [--dry-run] [--report report.json] [--quiet]
 //! burn-slerp mean A B [C …] -o OUT [--weights 0.5,0.3,0.2] [--device …] [--out-dtype …]
+//!                     [--method karcher|mergekit-karcher|multislerp|nuslerp|linear]
 //!                     [--union | --intersection] [--dry-run] [--report report.json] [--quiet]
 //! burn-slerp yaml recipe.yml OUT [--exact] [--device …] [--dry-run] [--report …] [--quiet]
 //! burn-slerp inspect A [B]
@@ -29,7 +30,7 @@ use burn_slerp::checkpoint::{
     CheckpointError, FileMerge, OutDType, Pairing, Progress, TokenizerSource, compare_files,
     inspect, mean_files, merge_files, plan_files, plan_mean_files, plan_yaml, shapes, yaml_files,
 };
-use burn_slerp::{Granularity, SlerpConfig, SphericalMean};
+use burn_slerp::{Granularity, MeanMethod, SlerpConfig, SphericalMean};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -103,6 +104,9 @@ enum Command {
         /// One weight per checkpoint, comma-separated (`0.5,0.3,0.2`); equal weights by default.
         #[arg(long, value_delimiter = ',')]
         weights: Option<Vec<f64>>,
+        /// The member of the SLERP family to compute.
+        #[arg(long, value_enum, default_value_t = MeanArg::Karcher)]
+        method: MeanArg,
         /// The merged checkpoint: `.safetensors`, `.bpk`, or a folder.
         #[arg(short, long)]
         output: PathBuf,
@@ -176,6 +180,37 @@ enum DeviceArg {
 enum GranularityArg {
     Tensor,
     Row,
+}
+
+/// The member of the SLERP family `mean` computes.
+#[derive(Clone, Copy, ValueEnum)]
+enum MeanArg {
+    /// The weighted Karcher mean, to convergence.
+    Karcher,
+    /// mergekit's `karcher` (equal weights, 10 steps, tol 1e-5).
+    MergekitKarcher,
+    /// mergekit's `multislerp` (weights normalised, eps 1e-8).
+    Multislerp,
+    /// mergekit's `nuslerp` of two checkpoints at t = w₂/(w₁ + w₂).
+    Nuslerp,
+    /// The weighted linear mean.
+    Linear,
+}
+
+fn method_of(arg: MeanArg) -> MeanMethod {
+    match arg {
+        MeanArg::Karcher => MeanMethod::Karcher,
+        MeanArg::MergekitKarcher => MeanMethod::MergekitKarcher {
+            max_iter: 10,
+            tol: 1e-5,
+        },
+        MeanArg::Multislerp => MeanMethod::Multislerp {
+            normalize_weights: true,
+            eps: 1e-8,
+        },
+        MeanArg::Nuslerp => MeanMethod::Nuslerp,
+        MeanArg::Linear => MeanMethod::Linear,
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -440,6 +475,7 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
         Command::Mean {
             inputs,
             weights,
+            method,
             output,
             device: device_arg,
             out_dtype,
@@ -451,7 +487,9 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
             quiet,
         } => {
             let weights = weights.unwrap_or_else(|| vec![1.0; inputs.len()]);
-            let mean = SphericalMean::new(weights).map_err(|e| Failure(e.to_string(), 2))?;
+            let mean = SphericalMean::new(weights)
+                .map_err(|e| Failure(e.to_string(), 2))?
+                .with_method(method_of(method));
             let mut options = FileMerge::new(SlerpConfig::new(0.5), device(device_arg)?);
             options.pairing = pairing_of(union, intersection);
             options.out_dtype = out_dtype_of(out_dtype);

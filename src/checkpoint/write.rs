@@ -26,8 +26,10 @@ use super::options::{FileMerge, Progress};
 use super::plan::{Origin, OutputTensor};
 use super::read::{Checkpoint, Format, INDEX, SINGLE};
 use crate::config::SlerpConfig;
+use crate::engine;
 use crate::error::MergeError;
-use crate::interpolate::{compute_dtype, finish, slerp_with_stats, trusted, vectors};
+use crate::family::{Gram, Refusal};
+use crate::interpolate::{compute_dtype, finish, slerp_with_stats, vectors};
 use crate::kernels;
 use crate::module::mean::{MeanStats, SphericalMean};
 use crate::module::task_vector::task_vector_slerp_with_stats;
@@ -192,7 +194,15 @@ impl Writing {
         let t = match &tensor.origin {
             Origin::CopyA => return emit(&self.read(&self.a, name)?.1),
             Origin::CopyB => return emit(&self.read(&self.b, name)?.1),
-            Origin::Merge(_) if self.mean.is_some() => {
+            Origin::Merge(_) if let Some((mean, _)) = &self.mean => {
+                if self.on_host(tensor) {
+                    let mut scratch = lock(&self.scratch);
+                    if let Some(result) =
+                        self.merge_on_host(tensor, HostMerge::Mean(mean), &mut scratch, emit)
+                    {
+                        return result;
+                    }
+                }
                 let bytes = self.merge_mean(tensor)?;
                 return emit(&bytes);
             }
@@ -217,13 +227,11 @@ impl Writing {
             return emit(&fits(convert(dtype, &bytes, tensor.dtype))?);
         }
         let config = self.options.config.clone().with_t(t).with_schedule(None);
-        // The host path is plain SLERP; task vectors take the tensor path.
-        if compute_dtype(tensor.dtype) == Some(FloatDType::F32)
-            && kernels::is_cpu(&self.options.device)
-            && self.base.is_none()
-        {
+        if self.on_host(tensor) {
             let mut scratch = lock(&self.scratch);
-            if let Some(result) = self.merge_on_host(tensor, &config, &mut scratch, emit) {
+            if let Some(result) =
+                self.merge_on_host(tensor, HostMerge::Slerp(&config), &mut scratch, emit)
+            {
                 return result;
             }
         }
@@ -231,14 +239,23 @@ impl Writing {
         emit(&bytes)
     }
 
-    /// The merge of one f32-computed tensor on the host, in the reused buffers: the same
-    /// statistics, coefficients and combine as the CPU kernels (the same bits), with no
-    /// tensor built. `None` when the fused statistics cannot be trusted (values beyond
-    /// ±1.8e19 or below 1e-19), which the tensor path then decides in f64.
+    /// Whether the tensor is merged on the host, from the memory maps, by the engine's
+    /// kernels: f32-computed tensors on a CPU device.
+    fn on_host(&self, tensor: &OutputTensor) -> bool {
+        compute_dtype(tensor.dtype) == Some(FloatDType::F32)
+            && kernels::is_cpu(&self.options.device)
+    }
+
+    /// The merge of one f32-computed tensor on the host, in the reused buffers, through the
+    /// engine: one Gram pass over the inputs (of their differences from the base, for task
+    /// vectors), coefficients on the host, the combination written block by block (the same
+    /// bits as the in-memory merge), with no tensor built. `None` when the Gram matrix cannot
+    /// be trusted (values beyond ±1.8e19 or below 1e-19, a zero task vector among them), which
+    /// the tensor path then decides in f64.
     fn merge_on_host(
         &self,
         tensor: &OutputTensor,
-        config: &SlerpConfig,
+        how: HostMerge<'_>,
         scratch: &mut Scratch,
         emit: &mut dyn FnMut(&[u8]) -> Result<(), CheckpointError>,
     ) -> Option<Result<(), CheckpointError>> {
@@ -249,32 +266,84 @@ impl Writing {
         } else {
             vec![n]
         };
-        let ((dtype_a, bytes_a), (dtype_b, bytes_b)) =
-            match (self.read(&self.a, name), self.read(&self.b, name)) {
-                (Ok(a), Ok(b)) => (a, b),
-                (Err(e), _) | (_, Err(e)) => return Some(Err(e)),
-            };
-        let Scratch { a, b, out, bytes } = scratch;
-        let xa = f32_values(dtype_a, &bytes_a, a, self.input_dtype);
-        let xb = f32_values(dtype_b, &bytes_b, b, self.input_dtype);
+        let (sources, base): (Vec<&Checkpoint>, Option<&Checkpoint>) = match how {
+            HostMerge::Slerp(_) => (vec![&self.a, &self.b], self.base.as_ref()),
+            HostMerge::Mean(mean) => {
+                let (_, rest) = self.mean.as_ref().expect("a mean");
+                let all: Vec<&Checkpoint> = [&self.a, &self.b].into_iter().chain(rest).collect();
+                (mean.taking().iter().map(|i| all[*i]).collect(), None)
+            }
+        };
+        let data = match sources
+            .iter()
+            .map(|c| self.read(c, name))
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(data) => data,
+            Err(e) => return Some(Err(e)),
+        };
+        let base_data = match base.map(|c| self.read(c, name)).transpose() {
+            Ok(data) => data,
+            Err(e) => return Some(Err(e)),
+        };
+        let Scratch {
+            inputs,
+            base: base_buffer,
+            out,
+            bytes,
+        } = scratch;
+        if inputs.len() < data.len() {
+            inputs.resize_with(data.len(), Vec::new);
+        }
+        let xs: Vec<&[f32]> = data
+            .iter()
+            .zip(inputs.iter_mut())
+            .map(|((dtype, bytes), buffer)| f32_values(*dtype, bytes, buffer, self.input_dtype))
+            .collect();
+        let base_values = base_data
+            .as_ref()
+            .map(|(dtype, bytes)| f32_values(*dtype, bytes, base_buffer, self.input_dtype));
         if n == 0 {
             return Some(emit(&[]));
         }
-        let rows = vectors(&dims, config);
-        let stats = PairStats::triples(&kernels::cpu::stats_slices(xa, xb, rows));
-        if !trusted(&stats, n / rows) {
-            return None;
-        }
-        let Some((coeffs, mut summary)) = finish(&stats, &dims, config) else {
-            return Some(Err(CheckpointError::NonFinite {
+        let non_finite = || {
+            Some(Err(CheckpointError::NonFinite {
                 name: name.clone(),
                 reason: "an input holds a NaN or an infinity".into(),
-            }));
+            }))
         };
-        let flat: Vec<f32> = coeffs
-            .iter()
-            .flat_map(|c| [c.c0 as f32, c.c1 as f32])
-            .collect();
+        let (rows, flat) = match how {
+            HostMerge::Slerp(config) => {
+                let rows = vectors(&dims, config);
+                let grams = engine::gram_slices(&xs, base_values, rows)?;
+                let stats: Vec<PairStats> = grams.iter().map(Gram::pair).collect();
+                let Some((coeffs, mut summary)) = finish(&stats, &dims, config) else {
+                    return non_finite();
+                };
+                summary.path = name.clone();
+                lock(&self.stats).push((tensor.index, summary));
+                let flat: Vec<f32> = coeffs
+                    .iter()
+                    .flat_map(|c| [c.c0 as f32, c.c1 as f32])
+                    .collect();
+                (rows, flat)
+            }
+            HostMerge::Mean(mean) => {
+                let gram = engine::gram_slices(&xs, None, 1)?;
+                let (coeffs, mut stats) = match mean.coefficients(&gram[0], n) {
+                    Ok(done) => done,
+                    Err(Refusal::NonFinite) => return non_finite(),
+                    Err(Refusal::Cancelling) => {
+                        return Some(Err(CheckpointError::Merge(
+                            MergeError::CancellingDirections { path: name.clone() },
+                        )));
+                    }
+                };
+                stats.path = name.clone();
+                lock(&self.mean_stats).push((tensor.index, stats));
+                (1, coeffs.iter().map(|c| *c as f32).collect())
+            }
+        };
         // Combined and written block by block: the block stays in cache between the two, and
         // the merge's own memory is one block, whatever the tensor.
         if out.len() < BLOCK.min(n) {
@@ -284,7 +353,7 @@ impl Writing {
         let mut start = 0;
         while start < n {
             let block = &mut out[..BLOCK.min(n - start)];
-            if !kernels::cpu::combine_range(block, xa, xb, start, cols, &flat) {
+            if !engine::combine_block(block, &xs, base_values, start, cols, &flat) {
                 return Some(Err(does_not_fit(name, tensor.dtype)));
             }
             let written = match encode_f32(tensor.dtype, block, bytes) {
@@ -296,8 +365,6 @@ impl Writing {
             }
             start += block.len();
         }
-        summary.path = name.clone();
-        lock(&self.stats).push((tensor.index, summary));
         Some(Ok(()))
     }
 
@@ -386,10 +453,19 @@ const BLOCK: usize = 1 << 19;
 /// of merged values, and its encoding.
 #[derive(Default)]
 struct Scratch {
-    a: Vec<f32>,
-    b: Vec<f32>,
+    inputs: Vec<Vec<f32>>,
+    base: Vec<f32>,
     out: Vec<f32>,
     bytes: Vec<u8>,
+}
+
+/// What the host path computes for one tensor.
+#[derive(Clone, Copy)]
+enum HostMerge<'m> {
+    /// SLERP of A and B (of their task vectors when there is a base), at the config's `t`.
+    Slerp(&'m SlerpConfig),
+    /// The mean of the inputs.
+    Mean(&'m SphericalMean),
 }
 
 fn does_not_fit(name: &str, dtype: DType) -> CheckpointError {

@@ -4,22 +4,28 @@ use burn::module::Module;
 use burn::tensor::Tensor;
 use serde::Serialize;
 
-use super::walk::{Combine, Model, apply_pairs, check_structure, map_pairs, prepare_pairs, totals};
+use super::walk::{
+    Combine, Model, Stop, apply_pairs, check_structure, map_pairs, prepare_pairs, totals,
+};
 use crate::control::MergeControl;
+use crate::engine::Inputs;
 use crate::error::MergeError;
 use crate::error::MergeIntoError;
-use crate::interpolate::{AutodiffState, Interpolated, TensorInfo, check_pair, compute_dtype};
-use crate::numerics::{ANTIPARALLEL_MARGIN, Angle, Branch, LerpReason, angle, sinc};
-use crate::reduce::tensor_stats;
+use crate::family::{Gram, KarcherOptions, Refusal, Rule, nuslerp_t};
+use crate::interpolate::{AutodiffState, Interpolated, TensorInfo, check_pair};
+use crate::numerics::Branch;
 
 /// The weighted Karcher mean of N ≥ 2 models (or tensors) on the sphere.
 ///
 /// Per tensor: each model's direction `uᵢ = xᵢ/‖xᵢ‖`, then the unit vector `m` minimising
 /// `Σ wᵢ·θ(m, uᵢ)²`, found by Riemannian gradient steps from the normalised weighted mean
 /// (`m ← exp_m(Σ wᵢ log_m(uᵢ) / Σ wᵢ)`); the result is `m` times the weighted mean of the
-/// norms. Each step reads `N + 2` numbers back from the device. Iteration stops when the step
-/// is shorter than the tolerance (default 1e-7 rad), when it stops shrinking (f32 has nothing
-/// more to give), or after `max_steps` (default 32).
+/// norms. Every step is a combination of the `uᵢ`, so the whole iteration runs on N
+/// coefficients in f64 on the host, from the inputs' Gram matrix: one pass over the tensors
+/// for the Gram matrix, one pass writing `Σ cᵢ·xᵢ`, however many steps (fused on flex and
+/// ndarray for up to 8 models). Iteration stops when the step is shorter than the tolerance
+/// (default 1e-12 rad), when it stops shrinking, or after `max_steps`.
+/// [`with_method`](Self::with_method) picks another member of the family ([`MeanMethod`]).
 ///
 /// For two models with weights `(1 − t, t)` the direction is the geodesic point at `t`, so the
 /// result equals [`slerp`](crate::slerp) whenever the two tensors have equal norms. With
@@ -54,6 +60,45 @@ pub struct SphericalMean {
     tolerance: f64,
     max_steps: usize,
     eps: f64,
+    method: MeanMethod,
+}
+
+/// The member of the SLERP family a [`SphericalMean`] computes. Each is one pass over the
+/// inputs for their Gram matrix, coefficients on the host in f64, and one pass writing the
+/// combination.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub enum MeanMethod {
+    /// The weighted Karcher mean, iterated to convergence (the default).
+    Karcher,
+    /// mergekit 0.1.5's `karcher`: equal weights over every input (the mean's weights only
+    /// have to be one per model; zero weights take part too), inputs with a norm ≤ `tol`
+    /// dropped, at most `max_iter` steps, an input closer than `tol` to the mean skipped in a
+    /// step, stop when the step is shorter than `tol`.
+    MergekitKarcher {
+        /// Most steps (mergekit: 10).
+        max_iter: usize,
+        /// mergekit's `tol` (1e-5).
+        tol: f64,
+    },
+    /// mergekit 0.1.5's `multislerp`: the normalised weighted mean of the directions
+    /// `xᵢ/(‖xᵢ‖ + eps)` times `Σ wᵢ‖xᵢ‖·cos(eps)` (its tangent step is exactly zero). Two
+    /// inputs whose weighted directions cancel give their weighted sum; more are an error,
+    /// [`MergeError::CancellingDirections`], unless every input is zero (where mergekit
+    /// raises too): then the result is zero.
+    Multislerp {
+        /// Whether the weights are divided by their sum first (mergekit: true).
+        normalize_weights: bool,
+        /// Added to each norm (mergekit: 1e-8).
+        eps: f64,
+    },
+    /// mergekit 0.1.5's `nuslerp` of exactly two models (flattened: one angle per tensor), at
+    /// `t = w₂/(w₁ + w₂)`: norms clamped at 1e-7, so a zero tensor against the other gives
+    /// `sin(tπ/2)·` the other (0.707 at t = 0.5); linear interpolation where `1 − cos² ≤ 1e-16`;
+    /// otherwise SLERP with `θ = acos(cos)`.
+    Nuslerp,
+    /// The weighted linear mean `Σ wᵢxᵢ / Σ wᵢ`.
+    Linear,
 }
 
 /// What [`SphericalMean`] computed for one tensor.
@@ -99,19 +144,28 @@ impl SphericalMean {
         }
         Ok(Self {
             weights,
-            tolerance: 1e-7,
-            max_steps: 32,
+            tolerance: 1e-12,
+            max_steps: 1000,
             eps: 1e-8,
+            method: MeanMethod::Karcher,
         })
     }
 
-    /// Step length, in radians, below which the iteration stops (finite, > 0).
+    /// The member of the family to compute ([`MeanMethod::Karcher`] by default).
+    pub fn with_method(mut self, method: MeanMethod) -> Self {
+        self.method = method;
+        self
+    }
+
+    /// Step length, in radians, below which the iteration stops (finite, > 0; 1e-12 by
+    /// default).
     pub fn with_tolerance(mut self, tolerance: f64) -> Self {
         self.tolerance = tolerance;
         self
     }
 
-    /// Most gradient steps per tensor.
+    /// Most gradient steps per tensor (1000 by default; the iteration usually stops at the
+    /// tolerance, or when the step no longer shrinks, within a few).
     pub fn with_max_steps(mut self, max_steps: usize) -> Self {
         self.max_steps = max_steps;
         self
@@ -132,6 +186,11 @@ impl SphericalMean {
         if models != self.weights.len() {
             return Err(MergeError::InvalidWeights {
                 reason: format!("{} weights for {models} models", self.weights.len()),
+            });
+        }
+        if self.method == MeanMethod::Nuslerp && models != 2 {
+            return Err(MergeError::InvalidWeights {
+                reason: format!("nuslerp merges exactly two models, got {models}"),
             });
         }
         if !(self.tolerance.is_finite() && self.tolerance > 0.0) {
@@ -168,8 +227,10 @@ impl SphericalMean {
         }
         let autodiff = AutodiffState::of(&tensors[0]);
         let inner: Vec<_> = tensors.into_iter().map(Tensor::inner).collect();
-        let (out, stats) = self.compute(&inner).ok_or(MergeError::NonFinite {
-            path: String::new(),
+        let path = String::new();
+        let (out, stats) = self.compute(inner).map_err(|refusal| match refusal {
+            Refusal::NonFinite => MergeError::NonFinite { path },
+            Refusal::Cancelling => MergeError::CancellingDirections { path },
         })?;
         Ok((autodiff.restore(out), stats))
     }
@@ -187,7 +248,25 @@ impl SphericalMean {
         let Some((first, others)) = models.split_first() else {
             return Err(self.validate(0).expect_err("no weights for no models"));
         };
-        self.run(Model::Borrowed(*first), others)
+        self.run(Model::Borrowed(*first), others, &mut MergeControl::new())
+            .map_err(|(e, _)| e)
+    }
+
+    /// [`merge`](Self::merge) with progress reports after each tensor and cancellation
+    /// before each ([`MergeError::Cancelled`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`merge`](Self::merge), and [`MergeError::Cancelled`].
+    pub fn merge_with_control<M: Module>(
+        &self,
+        models: &[&M],
+        control: &mut MergeControl<'_>,
+    ) -> Result<(M, Vec<MeanStats>), MergeError> {
+        let Some((first, others)) = models.split_first() else {
+            return Err(self.validate(0).expect_err("no weights for no models"));
+        };
+        self.run(Model::Borrowed(*first), others, control)
             .map_err(|(e, _)| e)
     }
 
@@ -206,12 +285,30 @@ impl SphericalMean {
         first: M,
         others: &[&M],
     ) -> Result<(M, Vec<MeanStats>), MergeIntoError<M>> {
-        self.run(Model::Owned(first), others).map_err(|(e, model)| {
-            MergeIntoError::new(
-                e,
-                model.expect("consuming means fail before their first write"),
-            )
-        })
+        self.merge_into_with_control(first, others, &mut MergeControl::new())
+    }
+
+    /// [`merge_into`](Self::merge_into) with progress reports after each tensor of each pass
+    /// and cancellation before each tensor of the statistics pass (once the writes have
+    /// begun, the merge runs to its end).
+    ///
+    /// # Errors
+    ///
+    /// As [`merge_into`](Self::merge_into), and [`MergeError::Cancelled`], with `first`
+    /// handed back untouched.
+    pub fn merge_into_with_control<M: Module>(
+        &self,
+        first: M,
+        others: &[&M],
+        control: &mut MergeControl<'_>,
+    ) -> Result<(M, Vec<MeanStats>), MergeIntoError<M>> {
+        self.run(Model::Owned(first), others, control)
+            .map_err(|(e, model)| {
+                MergeIntoError::new(
+                    e,
+                    model.expect("consuming means fail before their first write"),
+                )
+            })
     }
 
     /// The mean behind both entry points: tensor by tensor for a borrowed first model,
@@ -221,6 +318,7 @@ impl SphericalMean {
         &self,
         first: Model<'_, M>,
         others: &[&M],
+        control: &mut MergeControl<'_>,
     ) -> Result<(M, Vec<MeanStats>), (MergeError, Option<M>)> {
         let give_back = |e: MergeError, first: Model<'_, M>| match first {
             Model::Owned(m) => (e, Some(m)),
@@ -240,20 +338,22 @@ impl SphericalMean {
             Err(e) => return Err(give_back(e, first)),
         };
         let totals = totals(&structure);
-        let combine = &mut MeanCombine { mean: self };
-        let control = &mut MergeControl::new();
+        let combine = &mut MeanCombine {
+            mean: self,
+            cancelling: None,
+        };
         let mapped = match first {
             Model::Borrowed(_) => map_pairs(first, others, combine, control, totals),
             Model::Owned(_) => {
                 let prepass = prepare_pairs(first.get(), others, combine, control, totals);
                 if let Some(stop) = prepass.stop.clone() {
-                    return Err(give_back(stop.into_error(), first));
+                    return Err(give_back(combine.error(stop), first));
                 }
                 apply_pairs(first, prepass, combine, control, totals)
             }
         };
         if let Some(stop) = mapped.stop {
-            return Err((stop.into_error(), None));
+            return Err((combine.error(stop), None));
         }
         let stats = mapped
             .stats
@@ -263,170 +363,215 @@ impl SphericalMean {
         Ok((mapped.module, stats))
     }
 
-    /// Whether every weighted tensor is finite (the one way [`compute`](Self::compute) fails).
-    fn finite<const D: usize>(&self, tensors: &[Tensor<D>]) -> bool {
-        self.weights.iter().zip(tensors).all(|(w, x)| {
-            if *w <= 0.0 {
-                return true;
+    /// The rule of the family and the inputs that take part: those of weight > 0, or every
+    /// input for mergekit's `karcher`, which weighs them equally.
+    fn rule(&self) -> (Rule, Vec<usize>) {
+        let all: Vec<usize> = (0..self.weights.len()).collect();
+        let weighted: Vec<usize> = all
+            .iter()
+            .copied()
+            .filter(|i| self.weights[*i] > 0.0)
+            .collect();
+        match self.method {
+            MeanMethod::Karcher => (
+                Rule::Karcher(KarcherOptions {
+                    tolerance: self.tolerance,
+                    max_steps: self.max_steps,
+                    eps: self.eps,
+                }),
+                weighted,
+            ),
+            MeanMethod::MergekitKarcher { max_iter, tol } => {
+                (Rule::MergekitKarcher { max_iter, tol }, all)
             }
-            let compute = compute_dtype(x.dtype()).expect("checked before computing");
-            let n = x.shape().num_elements();
-            let x = x.clone().cast(compute).reshape([n]);
-            tensor_stats(x.clone(), x).aa.is_finite()
+            MeanMethod::Multislerp {
+                normalize_weights,
+                eps,
+            } => (
+                Rule::Multislerp {
+                    normalize_weights,
+                    eps,
+                },
+                weighted,
+            ),
+            MeanMethod::Nuslerp => (
+                Rule::Nuslerp {
+                    t: nuslerp_t(self.weights[0], self.weights[1]),
+                },
+                all,
+            ),
+            MeanMethod::Linear => (Rule::Linear, weighted),
+        }
+    }
+
+    /// The inputs that take part, by index: those of weight > 0, or every input for
+    /// mergekit's `karcher`, which weighs them equally.
+    pub(crate) fn taking(&self) -> Vec<usize> {
+        self.rule().1
+    }
+
+    /// The inputs that take part, as the engine computes them (the first model's tensor
+    /// moved, not copied, so that the combine may write over it).
+    fn inputs<const D: usize>(&self, tensors: Vec<Tensor<D>>) -> Inputs<D> {
+        let mut slots: Vec<Option<Tensor<D>>> = tensors.into_iter().map(Some).collect();
+        Inputs::new(
+            self.taking()
+                .iter()
+                .map(|i| slots[*i].take().expect("each input once"))
+                .collect(),
+            None,
+        )
+    }
+
+    /// The coefficients of the inputs that take part ([`taking`](Self::taking)), from their
+    /// Gram matrix, and what was computed for a tensor of `numel` elements.
+    pub(crate) fn coefficients(
+        &self,
+        gram: &Gram,
+        numel: usize,
+    ) -> Result<(Vec<f64>, MeanStats), Refusal> {
+        let (rule, taking) = self.rule();
+        let weights: Vec<f64> = taking.iter().map(|i| self.weights[*i]).collect();
+        let outcome = rule.coefficients(gram, &weights)?;
+        let stats = MeanStats {
+            path: String::new(),
+            numel,
+            branch: outcome.branch,
+            steps: outcome.steps,
+            residual: outcome.residual,
+        };
+        Ok((outcome.coeffs, stats))
+    }
+
+    /// The statistics pass of one tensor: the Gram matrix and the coefficients, nothing
+    /// written.
+    fn prepare<const D: usize>(&self, inputs: &Inputs<D>) -> Result<MeanPrepared, Refusal> {
+        let numel = inputs.numel();
+        if numel == 0 {
+            let stats = MeanStats {
+                path: String::new(),
+                numel,
+                branch: Branch::Slerp,
+                steps: 0,
+                residual: 0.0,
+            };
+            return Ok(MeanPrepared {
+                coefficients: None,
+                stats,
+            });
+        }
+        let (coefficients, stats) = self.coefficients(&inputs.gram(1)[0], numel)?;
+        Ok(MeanPrepared {
+            coefficients: Some(coefficients),
+            stats,
         })
     }
 
-    /// The mean of tensors known to match, without autodiff; `None` when a weighted one is not
-    /// finite.
-    fn compute<const D: usize>(&self, tensors: &[Tensor<D>]) -> Option<(Tensor<D>, MeanStats)> {
-        let dims = tensors[0].dims();
-        let dtype = tensors[0].dtype();
-        let n: usize = dims.iter().product();
-        let compute = compute_dtype(dtype).expect("checked before computing");
-        let total: f64 = self.weights.iter().sum();
-        let (weights, xs): (Vec<f64>, Vec<Tensor<1>>) = self
-            .weights
-            .iter()
-            .zip(tensors)
-            .filter(|(w, _)| **w > 0.0)
-            .map(|(w, x)| (*w / total, x.clone().cast(compute).reshape([n])))
-            .unzip();
-        let mut stats = MeanStats {
-            path: String::new(),
-            numel: n,
-            branch: Branch::Slerp,
-            steps: 0,
-            residual: 0.0,
+    /// The mean of tensors known to match, without autodiff.
+    fn compute<const D: usize>(
+        &self,
+        tensors: Vec<Tensor<D>>,
+    ) -> Result<(Tensor<D>, MeanStats), Refusal> {
+        let inputs = self.inputs(tensors);
+        let prepared = self.prepare(&inputs)?;
+        Ok(prepared.apply(inputs))
+    }
+}
+
+/// What the statistics pass of a mean leaves for its write pass.
+struct MeanPrepared {
+    /// One per input that takes part; `None` for an empty tensor.
+    coefficients: Option<Vec<f64>>,
+    stats: MeanStats,
+}
+
+impl MeanPrepared {
+    fn apply<const D: usize>(self, inputs: Inputs<D>) -> (Tensor<D>, MeanStats) {
+        let out = match self.coefficients {
+            Some(c) => inputs.combine(&[c]),
+            None => inputs.into_first(),
         };
-        let finish = |x: Tensor<1>| x.reshape(dims).cast(dtype);
-        let linear = |xs: &[Tensor<1>]| {
-            xs.iter()
-                .zip(&weights)
-                .map(|(x, w)| x.clone().mul_scalar(*w))
-                .reduce(|acc, x| acc.add(x))
-                .expect("at least one weighted model")
-        };
-        if n == 0 {
-            return Some((finish(xs[0].clone()), stats));
-        }
-        let norms: Vec<f64> = xs
-            .iter()
-            .map(|x| tensor_stats(x.clone(), x.clone()).aa.sqrt())
-            .collect();
-        if norms.iter().any(|v| !v.is_finite()) {
-            return None;
-        }
-        let lerp = |reason, stats: &MeanStats| {
-            let stats = MeanStats {
-                branch: Branch::Lerp(reason),
-                residual: 0.0,
-                ..stats.clone()
-            };
-            Some((finish(linear(&xs)), stats))
-        };
-        if norms.iter().any(|v| *v <= self.eps) {
-            return lerp(LerpReason::ZeroNorm, &stats);
-        }
-        let norm_mean: f64 = norms.iter().zip(&weights).map(|(v, w)| v * w).sum();
-        let units: Vec<Tensor<1>> = xs
-            .iter()
-            .zip(&norms)
-            .map(|(x, v)| x.clone().div_scalar(*v))
-            .collect();
-        // Start from the normalised weighted mean of the directions.
-        let start = linear(&units);
-        let length = tensor_stats(start.clone(), start.clone()).aa.sqrt();
-        if length <= 1e-3 {
-            return lerp(LerpReason::Antiparallel, &stats);
-        }
-        let mut m = start.div_scalar(length);
-        let mut previous = f64::INFINITY;
-        loop {
-            // cos and angle of m to each direction; log_m(uᵢ) = θᵢ/sin θᵢ · (uᵢ − cosᵢ·m).
-            let mut alphas = Vec::with_capacity(units.len());
-            let mut beta = 0.0;
-            for (u, w) in units.iter().zip(&weights) {
-                let pair = tensor_stats(m.clone(), u.clone());
-                let Some(Angle { cos, theta }) = angle(pair) else {
-                    return lerp(LerpReason::ZeroNorm, &stats);
-                };
-                if cos < -(1.0 - ANTIPARALLEL_MARGIN) {
-                    return lerp(LerpReason::Antiparallel, &stats);
-                }
-                let alpha = w / sinc(theta);
-                alphas.push(alpha);
-                beta += alpha * cos;
-            }
-            let step = units
-                .iter()
-                .zip(&alphas)
-                .map(|(u, a)| u.clone().mul_scalar(*a))
-                .reduce(|acc, x| acc.add(x))
-                .expect("at least one weighted model")
-                .sub(m.clone().mul_scalar(beta));
-            let size = tensor_stats(step.clone(), step.clone()).aa.sqrt();
-            stats.residual = size;
-            if size <= self.tolerance || size >= previous || stats.steps >= self.max_steps {
-                break;
-            }
-            previous = size;
-            stats.steps += 1;
-            // exp_m(step) = cos|step|·m + sin|step|/|step| · step, renormalised against drift.
-            let next = m.mul_scalar(size.cos()).add(step.mul_scalar(sinc(size)));
-            let length = tensor_stats(next.clone(), next.clone()).aa.sqrt();
-            m = next.div_scalar(length);
-        }
-        Some((finish(m.mul_scalar(norm_mean)), stats))
+        (out, self.stats)
     }
 }
 
 /// The spherical mean of each float tensor.
 struct MeanCombine<'a> {
     mean: &'a SphericalMean,
+    /// The parameter whose weighted directions cancelled ([`Refusal::Cancelling`]): the walk
+    /// stops there as at a non-finite one, and the error names it.
+    cancelling: Option<String>,
+}
+
+impl MeanCombine<'_> {
+    /// The error a walk stopped with, told apart from a non-finite input.
+    fn error(&self, stop: Stop) -> MergeError {
+        match (stop, &self.cancelling) {
+            (Stop::NonFinite(path), Some(cancelling)) if &path == cancelling => {
+                MergeError::CancellingDirections { path }
+            }
+            (stop, _) => stop.into_error(),
+        }
+    }
+
+    fn refused(&mut self, path: &str, refusal: Refusal) {
+        if refusal == Refusal::Cancelling {
+            self.cancelling = Some(path.to_string());
+        }
+    }
 }
 
 impl Combine for MeanCombine<'_> {
     type Stats = MeanStats;
-    type Prepared = ();
+    type Prepared = MeanPrepared;
 
     fn prepare<const D: usize>(
         &mut self,
-        _path: &str,
+        path: &str,
         first: Tensor<D>,
         others: Vec<Tensor<D>>,
-    ) -> Option<((), Option<MeanStats>)> {
+    ) -> Option<(MeanPrepared, Option<MeanStats>)> {
         let mut all = vec![first];
         all.extend(others);
-        self.mean.finite(&all).then_some(((), None))
+        match self.mean.prepare(&self.mean.inputs(all)) {
+            Ok(prepared) => Some((prepared, None)),
+            Err(refusal) => {
+                self.refused(path, refusal);
+                None
+            }
+        }
     }
 
     fn apply<const D: usize>(
         &mut self,
         _path: &str,
-        _prepared: (),
+        prepared: MeanPrepared,
         first: Tensor<D>,
         others: Vec<Tensor<D>>,
     ) -> (Tensor<D>, Option<MeanStats>) {
         let mut all = vec![first];
         all.extend(others);
-        let (out, stats) = self
-            .mean
-            .compute(&all)
-            .expect("the inputs were found finite in the statistics pass");
+        let (out, stats) = prepared.apply(self.mean.inputs(all));
         (out, Some(stats))
     }
 
     fn combine<const D: usize>(
         &mut self,
-        _path: &str,
+        path: &str,
         first: Tensor<D>,
         others: Vec<Tensor<D>>,
     ) -> Interpolated<D, MeanStats> {
+        let shape = first.shape();
+        let dtype = first.dtype();
+        let device = first.device();
         let mut all = vec![first];
         all.extend(others);
-        match self.mean.compute(&all) {
-            Some((out, stats)) => Interpolated::Done(out, Some(stats)),
-            None => Interpolated::NonFinite(all.swap_remove(0)),
+        match self.mean.compute(all) {
+            Ok((out, stats)) => Interpolated::Done(out, Some(stats)),
+            Err(refusal) => {
+                self.refused(path, refusal);
+                Interpolated::NonFinite(Tensor::zeros(shape, (&device, dtype)))
+            }
         }
     }
 }

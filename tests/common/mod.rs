@@ -7,9 +7,11 @@
 
 use std::collections::BTreeMap;
 
+pub mod family;
 pub mod in_place;
 pub mod recipes;
 pub mod scratch;
+pub use family::*;
 pub use in_place::*;
 pub use recipes::*;
 

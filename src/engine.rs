@@ -1,0 +1,299 @@
+//! The engine of the SLERP family on tensors: for k inputs of one shape (and an optional base,
+//! for methods on task vectors), one pass for the Gram matrix of each vector (the whole tensor
+//! or each row), coefficients on the host ([`crate::family`]), one pass that writes the
+//! combination. The fused CPU kernels do both passes on flex and ndarray; every other device
+//! and dtype takes Burn's tensor ops, with the reductions of [`crate::reduce`].
+//!
+//! The file merge reaches the same kernels through [`gram_slices`] and [`combine_block`], on
+//! the values it reads from its memory maps.
+
+use burn::tensor::{DType, FloatDType, Tensor, TensorData};
+
+use crate::family::Gram;
+use crate::interpolate::compute_dtype;
+use crate::kernels;
+use crate::reduce;
+
+use crate::kernels::cpu::{First, MAX_INPUTS};
+
+/// Below this mean square per element, the f32 products of the CPU kernels may have lost
+/// digits to underflow: such a tensor's Gram matrix is recomputed on the tensor-op path.
+const UNDERFLOW_MEAN_SQUARE: f64 = 1e-35;
+
+/// How the inputs are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// The fused CPU kernels.
+    Cpu,
+    /// Burn's tensor ops.
+    Generic,
+}
+
+/// k float tensors of one shape and device, without autodiff, as they are computed, with an
+/// optional base.
+pub(crate) struct Inputs<const D: usize> {
+    xs: Vec<Tensor<D>>,
+    base: Option<Tensor<D>>,
+    route: Route,
+    /// The first input's dtype: the result's.
+    out_dtype: DType,
+}
+
+impl<const D: usize> Inputs<D> {
+    /// Widens the inputs to one compute dtype where the kernels cannot read them as they are
+    /// (mixed dtypes; f16 and bf16 off flex), and takes the one routing decision.
+    pub(crate) fn new(xs: Vec<Tensor<D>>, base: Option<Tensor<D>>) -> Self {
+        let out_dtype = xs[0].dtype();
+        let dtypes: Vec<DType> = xs.iter().chain(&base).map(Tensor::dtype).collect();
+        let same = dtypes.iter().all(|d| *d == out_dtype);
+        let device = xs[0].device();
+        let fits = xs.len() <= MAX_INPUTS;
+        if same && fits && kernels::is_cpu(&device) {
+            let half = matches!(out_dtype, DType::F16 | DType::BF16)
+                && kernels::takes_half(&xs[0], &xs[0]);
+            if out_dtype == DType::F32 || half {
+                return Self {
+                    xs,
+                    base,
+                    route: Route::Cpu,
+                    out_dtype,
+                };
+            }
+        }
+        // f64 if any input is f64, f32 otherwise.
+        let compute = if dtypes.contains(&DType::F64) {
+            FloatDType::F64
+        } else {
+            FloatDType::F32
+        };
+        let cast = |x: Tensor<D>| {
+            debug_assert!(compute_dtype(x.dtype()).is_some(), "checked before merging");
+            x.cast(compute)
+        };
+        let xs: Vec<Tensor<D>> = xs.into_iter().map(cast).collect();
+        let base = base.map(cast);
+        let route = if compute == FloatDType::F32 && fits && kernels::is_cpu(&device) {
+            Route::Cpu
+        } else {
+            Route::Generic
+        };
+        Self {
+            xs,
+            base,
+            route,
+            out_dtype,
+        }
+    }
+
+    /// The number of inputs.
+    pub(crate) fn k(&self) -> usize {
+        self.xs.len()
+    }
+
+    /// The number of elements of each input.
+    pub(crate) fn numel(&self) -> usize {
+        self.xs[0].shape().num_elements()
+    }
+
+    /// The first input as the result: an empty tensor, or an input returned as it is.
+    pub(crate) fn into_first(self) -> Tensor<D> {
+        let dtype = self.out_dtype;
+        self.xs
+            .into_iter()
+            .next()
+            .expect("at least one input")
+            .cast(dtype)
+    }
+
+    /// The Gram matrix of each of `rows` equal rows (1: the whole tensor), of the inputs or of
+    /// their differences from the base.
+    pub(crate) fn gram(&self, rows: usize) -> Vec<Gram> {
+        let k = self.k();
+        if self.route == Route::Cpu {
+            let packed = kernels::cpu::gram(&self.xs, self.base.as_ref(), rows);
+            let grams = unpack(k, &packed);
+            let cols = self.numel() / rows.max(1);
+            if trusted(&grams, cols) {
+                return grams;
+            }
+        }
+        self.generic_gram(rows)
+    }
+
+    /// The Gram matrices with Burn's tensor ops and [`reduce`]'s reductions: one reduction per
+    /// pair of inputs.
+    fn generic_gram(&self, rows: usize) -> Vec<Gram> {
+        let k = self.k();
+        let n = self.numel();
+        let vectors: Vec<Tensor<2>> = self
+            .xs
+            .iter()
+            .map(|x| {
+                let x = match &self.base {
+                    Some(base) => x.clone().sub(base.clone()),
+                    None => x.clone(),
+                };
+                x.reshape([rows, n / rows.max(1)])
+            })
+            .collect();
+        let stats = |i: usize, j: usize| {
+            if rows == 1 {
+                vec![reduce::tensor_stats(
+                    vectors[i].clone().reshape([n]),
+                    vectors[j].clone().reshape([n]),
+                )]
+            } else {
+                reduce::row_stats(vectors[i].clone(), vectors[j].clone())
+            }
+        };
+        let mut g = vec![vec![0.0; k * k]; rows];
+        if k == 1 {
+            for (row, s) in stats(0, 0).into_iter().enumerate() {
+                g[row][0] = s.aa;
+            }
+        }
+        for i in 0..k {
+            for j in i + 1..k {
+                for (row, s) in stats(i, j).into_iter().enumerate() {
+                    g[row][i * k + i] = s.aa;
+                    g[row][j * k + j] = s.bb;
+                    g[row][i * k + j] = s.ab;
+                }
+            }
+        }
+        g.into_iter()
+            .map(|full| {
+                let upper: Vec<f64> = (0..k)
+                    .flat_map(|i| (i..k).map(move |j| (i, j)))
+                    .map(|(i, j)| full[i * k + j])
+                    .collect();
+                Gram::from_upper(k, &upper)
+            })
+            .collect()
+    }
+
+    /// `Σ cᵢ·xᵢ` (or `base + Σ cᵢ·(xᵢ − base)`) in the first input's dtype, with one list of
+    /// k coefficients per row: written over the first input where the kernels can (nothing
+    /// else holds it), allocated otherwise.
+    pub(crate) fn combine(self, coefficients: &[Vec<f64>]) -> Tensor<D> {
+        let Inputs {
+            xs,
+            base,
+            route,
+            out_dtype,
+        } = self;
+        let k = xs.len();
+        if xs[0].shape().num_elements() == 0 {
+            return xs.into_iter().next().expect("an input").cast(out_dtype);
+        }
+        let out = match route {
+            Route::Cpu => {
+                let flat: Vec<f32> = coefficients
+                    .iter()
+                    .flat_map(|c| c.iter().map(|v| *v as f32))
+                    .collect();
+                let mut xs = xs.into_iter();
+                let first = xs.next().expect("an input");
+                let rest: Vec<Tensor<D>> = xs.collect();
+                kernels::cpu::combine(first, &rest, base.as_ref(), &flat)
+            }
+            Route::Generic => generic_combine(xs, base, coefficients, k),
+        };
+        out.cast(out_dtype)
+    }
+}
+
+/// The combination with Burn's tensor ops: scalars for one vector, `[rows, 1]` columns in the
+/// compute dtype for many.
+fn generic_combine<const D: usize>(
+    xs: Vec<Tensor<D>>,
+    base: Option<Tensor<D>>,
+    coefficients: &[Vec<f64>],
+    k: usize,
+) -> Tensor<D> {
+    let dims = xs[0].dims();
+    let n: usize = dims.iter().product();
+    let rows = coefficients.len();
+    let device = xs[0].device();
+    let dtype = xs[0].dtype();
+    let vector = |x: Tensor<D>| match &base {
+        Some(base) => x.sub(base.clone()),
+        None => x,
+    };
+    let sum = if rows == 1 {
+        xs.into_iter()
+            .zip(&coefficients[0])
+            .map(|(x, c)| vector(x).mul_scalar(*c))
+            .reduce(|acc, x| acc.add(x))
+            .expect("an input")
+    } else {
+        let column = |i: usize| -> Tensor<2> {
+            let values: Vec<f64> = coefficients.iter().map(|c| c[i]).collect();
+            Tensor::<2>::from_data(TensorData::new(values, [rows, 1]), (&device, dtype))
+        };
+        xs.into_iter()
+            .enumerate()
+            .map(|(i, x)| vector(x).reshape([rows, n / rows]).mul(column(i)))
+            .reduce(|acc, x| acc.add(x))
+            .expect("an input")
+            .reshape(dims)
+    };
+    debug_assert_eq!(coefficients[0].len(), k);
+    match base {
+        Some(base) => base.add(sum),
+        None => sum,
+    }
+}
+
+/// `rows` Gram matrices from the kernels' packed upper triangles.
+fn unpack(k: usize, packed: &[f64]) -> Vec<Gram> {
+    packed
+        .chunks_exact(kernels::cpu::packed(k))
+        .map(|upper| Gram::from_upper(k, upper))
+        .collect()
+}
+
+/// Whether the CPU kernels' Gram matrices of rows of `cols` elements can be trusted: their f32
+/// lanes overflow for |x| > 1.8e19 and lose digits below 1e-19 (a zero input included), and
+/// the tensor-op path decides those.
+fn trusted(grams: &[Gram], cols: usize) -> bool {
+    let floor = UNDERFLOW_MEAN_SQUARE * cols as f64;
+    grams
+        .iter()
+        .all(|g| g.is_finite() && (0..g.k()).all(|i| g.at(i, i) >= floor))
+}
+
+/// The Gram matrices of `rows` equal rows of k slices (of their differences from `base`), for
+/// the file merge; `None` when the f32 lanes cannot be trusted (values beyond ±1.8e19 or
+/// below 1e-19), which the caller then decides on the tensor path.
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
+pub(crate) fn gram_slices(xs: &[&[f32]], base: Option<&[f32]>, rows: usize) -> Option<Vec<Gram>> {
+    let k = xs.len();
+    let grams = unpack(k, &kernels::cpu::gram_slices(xs, base, rows));
+    trusted(&grams, xs[0].len() / rows.max(1)).then_some(grams)
+}
+
+/// Elements `start .. start + out.len()` of the combination of k slices into `out` (a block
+/// the file merge reuses), with one list of k coefficients per row of `cols` elements: the
+/// same bits as the in-memory combine. Returns whether every value is finite.
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
+pub(crate) fn combine_block(
+    out: &mut [f32],
+    xs: &[&[f32]],
+    base: Option<&[f32]>,
+    start: usize,
+    cols: usize,
+    coefficients: &[f32],
+) -> bool {
+    // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and only f32 values are written.
+    let out = unsafe { &mut *(out as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
+    kernels::cpu::combine_into(
+        out,
+        First::Slice(xs[0]),
+        xs,
+        base,
+        start,
+        cols,
+        coefficients,
+    )
+}
