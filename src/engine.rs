@@ -14,6 +14,7 @@ use crate::interpolate::compute_dtype;
 use crate::kernels;
 use crate::reduce;
 
+pub(crate) use crate::kernels::cpu::Lane;
 use crate::kernels::cpu::{First, MAX_INPUTS};
 
 /// Below this mean square per element, the f32 products of the CPU kernels may have lost
@@ -267,7 +268,11 @@ fn trusted(grams: &[Gram], cols: usize) -> bool {
 /// the file merge; `None` when the f32 lanes cannot be trusted (values beyond ±1.8e19 or
 /// below 1e-19), which the caller then decides on the tensor path.
 #[cfg_attr(not(feature = "cli"), allow(dead_code))]
-pub(crate) fn gram_slices(xs: &[&[f32]], base: Option<&[f32]>, rows: usize) -> Option<Vec<Gram>> {
+pub(crate) fn gram_slices<E: Lane>(
+    xs: &[&[E]],
+    base: Option<&[E]>,
+    rows: usize,
+) -> Option<Vec<Gram>> {
     let k = xs.len();
     let grams = unpack(k, &kernels::cpu::gram_slices(xs, base, rows));
     trusted(&grams, xs[0].len() / rows.max(1)).then_some(grams)
@@ -277,16 +282,16 @@ pub(crate) fn gram_slices(xs: &[&[f32]], base: Option<&[f32]>, rows: usize) -> O
 /// the file merge reuses), with one list of k coefficients per row of `cols` elements: the
 /// same bits as the in-memory combine. Returns whether every value is finite.
 #[cfg_attr(not(feature = "cli"), allow(dead_code))]
-pub(crate) fn combine_block(
-    out: &mut [f32],
-    xs: &[&[f32]],
-    base: Option<&[f32]>,
+pub(crate) fn combine_block<E: Lane>(
+    out: &mut [E],
+    xs: &[&[E]],
+    base: Option<&[E]>,
     start: usize,
     cols: usize,
     coefficients: &[f32],
 ) -> bool {
-    // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and only f32 values are written.
-    let out = unsafe { &mut *(out as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
+    // SAFETY: `MaybeUninit<E>` has `E`'s layout, and only `E` values are written.
+    let out = unsafe { &mut *(out as *mut [E] as *mut [std::mem::MaybeUninit<E>]) };
     kernels::cpu::combine_into(
         out,
         First::Slice(xs[0]),

@@ -1013,6 +1013,39 @@ fn mean_and_base_files_equal_the_library_in_memory() {
             assert_eq!(bits(&got), bits(&want), "{arg}: {name}");
         }
     }
+    // The mean of task vectors: the first two inputs over the third as their base.
+    let out = dir.join("mean-base.safetensors");
+    succeeds(&[
+        "mean",
+        s(&paths[0]),
+        s(&paths[1]),
+        "--base",
+        s(&paths[2]),
+        "--weights",
+        "0.6,0.4",
+        "--method",
+        "multislerp",
+        "-o",
+        s(&out),
+        "-q",
+    ]);
+    let mean = SphericalMean::new(vec![0.6, 0.4])
+        .unwrap()
+        .with_method(MeanMethod::Multislerp {
+            normalize_weights: true,
+            eps: 1e-8,
+        });
+    for (name, (_, _, bytes)) in tensors(&out) {
+        let base = flat(&inputs[2][name.as_str()]);
+        let tensors = inputs[..2]
+            .iter()
+            .map(|m| flat(&m[name.as_str()]))
+            .collect();
+        let (want, _) = mean.mean_with_base(base, tensors).unwrap();
+        let want: Vec<f32> = want.into_data().iter::<f32>().collect();
+        let got: Vec<f32> = f32s(&bytes).iter().map(|v| *v as f32).collect();
+        assert_eq!(bits(&got), bits(&want), "mean --base: {name}");
+    }
     let out = dir.join("base.safetensors");
     succeeds(&[
         "merge",

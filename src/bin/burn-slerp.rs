@@ -6,7 +6,7 @@
 //!                      [--union | --intersection] [--base BASE] [--tokenizer-source a|b]
 //!                      [--dry-run] [--report report.json] [--quiet]
 //! burn-slerp mean A B [C …] -o OUT [--weights 0.5,0.3,0.2] [--device …] [--out-dtype …]
-//!                     [--method karcher|mergekit-karcher|multislerp|nuslerp|linear]
+//!                     [--method karcher|mergekit-karcher|multislerp|nuslerp|linear] [--base BASE]
 //!                     [--union | --intersection] [--dry-run] [--report report.json] [--quiet]
 //! burn-slerp yaml recipe.yml OUT [--exact] [--device …] [--dry-run] [--report …] [--quiet]
 //! burn-slerp inspect A [B]
@@ -107,6 +107,9 @@ enum Command {
         /// The member of the SLERP family to compute.
         #[arg(long, value_enum, default_value_t = MeanArg::Karcher)]
         method: MeanArg,
+        /// A base checkpoint: the mean of the task vectors `input − base`, plus the base.
+        #[arg(long)]
+        base: Option<PathBuf>,
         /// The merged checkpoint: `.safetensors`, `.bpk`, or a folder.
         #[arg(short, long)]
         output: PathBuf,
@@ -476,6 +479,7 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
             inputs,
             weights,
             method,
+            base,
             output,
             device: device_arg,
             out_dtype,
@@ -491,6 +495,7 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
                 .map_err(|e| Failure(e.to_string(), 2))?
                 .with_method(method_of(method));
             let mut options = FileMerge::new(SlerpConfig::new(0.5), device(device_arg)?);
+            options.base = base;
             options.pairing = pairing_of(union, intersection);
             options.out_dtype = out_dtype_of(out_dtype);
             options.tokenizer_source = tokenizer_of(tokenizer_source);

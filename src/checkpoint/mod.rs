@@ -173,11 +173,7 @@ fn checked_mean(
             ),
         }));
     }
-    let options = FileMerge {
-        base: None,
-        ..options.clone()
-    };
-    let (first, output, plan) = checked(&inputs[0], &inputs[1], out, &options)?;
+    let (first, output, plan) = checked(&inputs[0], &inputs[1], out, options)?;
     let mut rest = Vec::with_capacity(inputs.len() - 2);
     for (i, path) in inputs.iter().enumerate().skip(2) {
         let input = Checkpoint::open(path)?;
@@ -214,10 +210,11 @@ pub fn plan_mean_files(
 
 /// The weighted spherical mean ([`SphericalMean`]) of two or more checkpoints into `out`, one
 /// tensor at a time, with the pairing, checks, output formats and atomic output of
-/// [`merge_files`] (`options.config` and `options.base` are not used): float tensors present in
-/// every input are averaged, the rest follow `options.pairing` between the first two inputs
-/// and are copied as they are. Returns what the mean computed for each tensor, in the first
-/// input's order.
+/// [`merge_files`] (`options.config` is not used): float tensors present in every input are
+/// averaged, the rest follow `options.pairing` between the first two inputs and are copied as
+/// they are. With `options.base`, the mean is of the task vectors from it, plus the base
+/// ([`SphericalMean::mean_with_base`]). Returns what the mean computed for each tensor, in the
+/// first input's order.
 ///
 /// # Errors
 ///

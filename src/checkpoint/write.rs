@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use burn::store::burn_pack::{self, Bytes, Writer};
-use burn::tensor::{DType, FloatDType, Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Tensor, TensorData, bf16, f16};
 use safetensors::tensor::{Metadata, TensorInfo};
 
 use super::convert::{
@@ -26,7 +26,7 @@ use super::options::{FileMerge, Progress};
 use super::plan::{Origin, OutputTensor};
 use super::read::{Checkpoint, Format, INDEX, SINGLE};
 use crate::config::SlerpConfig;
-use crate::engine;
+use crate::engine::{self, Lane};
 use crate::error::MergeError;
 use crate::family::{Gram, Refusal};
 use crate::interpolate::{compute_dtype, finish, slerp_with_stats, vectors};
@@ -271,7 +271,10 @@ impl Writing {
             HostMerge::Mean(mean) => {
                 let (_, rest) = self.mean.as_ref().expect("a mean");
                 let all: Vec<&Checkpoint> = [&self.a, &self.b].into_iter().chain(rest).collect();
-                (mean.taking().iter().map(|i| all[*i]).collect(), None)
+                (
+                    mean.taking().iter().map(|i| all[*i]).collect(),
+                    self.base.as_ref(),
+                )
             }
         };
         let data = match sources
@@ -290,8 +293,38 @@ impl Writing {
             inputs,
             base: base_buffer,
             out,
+            out_half,
             bytes,
         } = scratch;
+        if n == 0 {
+            return Some(emit(&[]));
+        }
+        // f16 and bf16 inputs of the output's dtype are read from the maps as they are and
+        // widened eight values at a time in the kernels, never whole.
+        let same_half = matches!(tensor.dtype, DType::F16 | DType::BF16)
+            && self.input_dtype.is_none_or(|d| d == tensor.dtype)
+            && data
+                .iter()
+                .chain(&base_data)
+                .all(|(dtype, _)| *dtype == tensor.dtype);
+        if same_half && cfg!(target_endian = "little") {
+            if out_half.len() < BLOCK.min(n) {
+                out_half.resize(BLOCK.min(n), 0);
+            }
+            let done = match tensor.dtype {
+                DType::F16 => half_slices::<f16>(&data, &base_data).map(|(xs, base)| {
+                    let out = bytemuck::cast_slice_mut(&mut out_half[..]);
+                    self.host_merge(tensor, &dims, how, &xs, base, out, bytes, emit)
+                }),
+                _ => half_slices::<bf16>(&data, &base_data).map(|(xs, base)| {
+                    let out = bytemuck::cast_slice_mut(&mut out_half[..]);
+                    self.host_merge(tensor, &dims, how, &xs, base, out, bytes, emit)
+                }),
+            };
+            if let Some(done) = done {
+                return done;
+            }
+        }
         if inputs.len() < data.len() {
             inputs.resize_with(data.len(), Vec::new);
         }
@@ -303,9 +336,28 @@ impl Writing {
         let base_values = base_data
             .as_ref()
             .map(|(dtype, bytes)| f32_values(*dtype, bytes, base_buffer, self.input_dtype));
-        if n == 0 {
-            return Some(emit(&[]));
+        if out.len() < BLOCK.min(n) {
+            out.resize(BLOCK.min(n), 0.0);
         }
+        self.host_merge(tensor, &dims, how, &xs, base_values, out, bytes, emit)
+    }
+
+    /// The engine's two passes over the inputs' values, as [`Self::merge_on_host`] describes,
+    /// combining into `out` (at least one block long) and encoding each block.
+    #[allow(clippy::too_many_arguments)]
+    fn host_merge<E: HostLane>(
+        &self,
+        tensor: &OutputTensor,
+        dims: &[usize],
+        how: HostMerge<'_>,
+        xs: &[&[E]],
+        base_values: Option<&[E]>,
+        out: &mut [E],
+        bytes: &mut Vec<u8>,
+        emit: &mut dyn FnMut(&[u8]) -> Result<(), CheckpointError>,
+    ) -> Option<Result<(), CheckpointError>> {
+        let name = &tensor.name;
+        let n: usize = dims.iter().product();
         let non_finite = || {
             Some(Err(CheckpointError::NonFinite {
                 name: name.clone(),
@@ -314,10 +366,10 @@ impl Writing {
         };
         let (rows, flat) = match how {
             HostMerge::Slerp(config) => {
-                let rows = vectors(&dims, config);
-                let grams = engine::gram_slices(&xs, base_values, rows)?;
+                let rows = vectors(dims, config);
+                let grams = engine::gram_slices(xs, base_values, rows)?;
                 let stats: Vec<PairStats> = grams.iter().map(Gram::pair).collect();
-                let Some((coeffs, mut summary)) = finish(&stats, &dims, config) else {
+                let Some((coeffs, mut summary)) = finish(&stats, dims, config) else {
                     return non_finite();
                 };
                 summary.path = name.clone();
@@ -329,7 +381,7 @@ impl Writing {
                 (rows, flat)
             }
             HostMerge::Mean(mean) => {
-                let gram = engine::gram_slices(&xs, None, 1)?;
+                let gram = engine::gram_slices(xs, base_values, 1)?;
                 let (coeffs, mut stats) = match mean.coefficients(&gram[0], n) {
                     Ok(done) => done,
                     Err(Refusal::NonFinite) => return non_finite(),
@@ -346,17 +398,14 @@ impl Writing {
         };
         // Combined and written block by block: the block stays in cache between the two, and
         // the merge's own memory is one block, whatever the tensor.
-        if out.len() < BLOCK.min(n) {
-            out.resize(BLOCK.min(n), 0.0);
-        }
         let cols = n / rows;
         let mut start = 0;
         while start < n {
             let block = &mut out[..BLOCK.min(n - start)];
-            if !engine::combine_block(block, &xs, base_values, start, cols, &flat) {
+            if !engine::combine_block(block, xs, base_values, start, cols, &flat) {
                 return Some(Err(does_not_fit(name, tensor.dtype)));
             }
-            let written = match encode_f32(tensor.dtype, block, bytes) {
+            let written = match E::encode(tensor.dtype, block, bytes) {
                 Some(encoded) => emit(encoded),
                 None => Err(does_not_fit(name, tensor.dtype)),
             };
@@ -422,11 +471,23 @@ impl Writing {
             .chain(rest)
             .map(|from| self.load(from, tensor))
             .collect::<Result<Vec<_>, _>>()?;
-        let (out, mut stats) = mean.mean(tensors).map_err(|e| match e {
+        let base = self
+            .base
+            .as_ref()
+            .map(|b| self.load(b, tensor))
+            .transpose()?;
+        let result = match base {
+            Some(base) => mean.mean_with_base(base, tensors),
+            None => mean.mean(tensors),
+        };
+        let (out, mut stats) = result.map_err(|e| match e {
             MergeError::NonFinite { .. } => CheckpointError::NonFinite {
                 name: name.clone(),
                 reason: "an input holds a NaN or an infinity".into(),
             },
+            MergeError::CancellingDirections { .. } => {
+                CheckpointError::Merge(MergeError::CancellingDirections { path: name.clone() })
+            }
             other => CheckpointError::Merge(other),
         })?;
         stats.path = name.clone();
@@ -456,7 +517,59 @@ struct Scratch {
     inputs: Vec<Vec<f32>>,
     base: Vec<f32>,
     out: Vec<f32>,
+    /// One block of f16 or bf16 results.
+    out_half: Vec<u16>,
     bytes: Vec<u8>,
+}
+
+/// The element types the host path combines into: f32, encoded to the output's dtype; f16 and
+/// bf16 of the output's dtype, written as they are.
+trait HostLane: Lane + bytemuck::Pod {
+    /// The block's bytes in `dtype`; `None` when a value does not fit it.
+    fn encode<'a>(dtype: DType, block: &'a [Self], scratch: &'a mut Vec<u8>) -> Option<&'a [u8]>;
+}
+
+impl HostLane for f32 {
+    fn encode<'a>(dtype: DType, block: &'a [f32], scratch: &'a mut Vec<u8>) -> Option<&'a [u8]> {
+        encode_f32(dtype, block, scratch)
+    }
+}
+
+impl HostLane for f16 {
+    fn encode<'a>(_: DType, block: &'a [f16], _: &'a mut Vec<u8>) -> Option<&'a [u8]> {
+        block
+            .iter()
+            .all(|v| v.is_finite())
+            .then(|| bytemuck::cast_slice(block))
+    }
+}
+
+impl HostLane for bf16 {
+    fn encode<'a>(_: DType, block: &'a [bf16], _: &'a mut Vec<u8>) -> Option<&'a [u8]> {
+        block
+            .iter()
+            .all(|v| v.is_finite())
+            .then(|| bytemuck::cast_slice(block))
+    }
+}
+
+/// The inputs' and the base's values as f16 or bf16 slices of the memory maps, where every one
+/// is aligned for it.
+#[allow(clippy::type_complexity)]
+fn half_slices<'d, E: bytemuck::Pod>(
+    data: &'d [(DType, super::read::Data<'_>)],
+    base: &'d Option<(DType, super::read::Data<'_>)>,
+) -> Option<(Vec<&'d [E]>, Option<&'d [E]>)> {
+    let cast = |bytes: &'d [u8]| bytemuck::try_cast_slice::<u8, E>(bytes).ok();
+    let xs = data
+        .iter()
+        .map(|(_, bytes)| cast(bytes))
+        .collect::<Option<Vec<_>>>()?;
+    let base = match base {
+        Some((_, bytes)) => Some(cast(bytes)?),
+        None => None,
+    };
+    Some((xs, base))
 }
 
 /// What the host path computes for one tensor.

@@ -220,15 +220,41 @@ impl SphericalMean {
         &self,
         tensors: Vec<Tensor<D>>,
     ) -> Result<(Tensor<D>, MeanStats), MergeError> {
+        self.mean_of(tensors, None)
+    }
+
+    /// The mean of the task vectors `xᵢ − base`, plus `base`: `base + Σ cᵢ·(xᵢ − base)`, with
+    /// the task vectors' Gram matrix reduced from the differences (never from the raw
+    /// tensors', which cancels digits for fine-tunes close to their base). With
+    /// [`MeanMethod::Multislerp`] and [`MeanMethod::Nuslerp`] this is mergekit's
+    /// `multislerp` and `nuslerp` with a `base_model`.
+    ///
+    /// # Errors
+    ///
+    /// As [`mean`](Self::mean), with `base` checked like the tensors.
+    pub fn mean_with_base<const D: usize>(
+        &self,
+        base: Tensor<D>,
+        tensors: Vec<Tensor<D>>,
+    ) -> Result<(Tensor<D>, MeanStats), MergeError> {
+        self.mean_of(tensors, Some(base))
+    }
+
+    fn mean_of<const D: usize>(
+        &self,
+        tensors: Vec<Tensor<D>>,
+        base: Option<Tensor<D>>,
+    ) -> Result<(Tensor<D>, MeanStats), MergeError> {
         self.validate(tensors.len())?;
         let first = TensorInfo::of(&tensors[0]);
-        for t in &tensors {
+        for t in tensors.iter().chain(&base) {
             check_pair("", &first, &TensorInfo::of(t))?;
         }
         let autodiff = AutodiffState::of(&tensors[0]);
         let inner: Vec<_> = tensors.into_iter().map(Tensor::inner).collect();
         let path = String::new();
-        let (out, stats) = self.compute(inner).map_err(|refusal| match refusal {
+        let base = base.map(Tensor::inner);
+        let (out, stats) = self.compute(inner, base).map_err(|refusal| match refusal {
             Refusal::NonFinite => MergeError::NonFinite { path },
             Refusal::Cancelling => MergeError::CancellingDirections { path },
         })?;
@@ -248,8 +274,36 @@ impl SphericalMean {
         let Some((first, others)) = models.split_first() else {
             return Err(self.validate(0).expect_err("no weights for no models"));
         };
-        self.run(Model::Borrowed(*first), others, &mut MergeControl::new())
-            .map_err(|(e, _)| e)
+        self.run(
+            Model::Borrowed(*first),
+            others,
+            None,
+            &mut MergeControl::new(),
+        )
+        .map_err(|(e, _)| e)
+    }
+
+    /// The mean of the models' task vectors from `base`, plus `base`, for every float
+    /// parameter ([`mean_with_base`](Self::mean_with_base) per tensor).
+    ///
+    /// # Errors
+    ///
+    /// As [`merge`](Self::merge), with `base` checked against the first model like the others.
+    pub fn merge_with_base<M: Module>(
+        &self,
+        base: &M,
+        models: &[&M],
+    ) -> Result<(M, Vec<MeanStats>), MergeError> {
+        let Some((first, others)) = models.split_first() else {
+            return Err(self.validate(0).expect_err("no weights for no models"));
+        };
+        self.run(
+            Model::Borrowed(*first),
+            others,
+            Some(base),
+            &mut MergeControl::new(),
+        )
+        .map_err(|(e, _)| e)
     }
 
     /// [`merge`](Self::merge) with progress reports after each tensor and cancellation
@@ -266,7 +320,7 @@ impl SphericalMean {
         let Some((first, others)) = models.split_first() else {
             return Err(self.validate(0).expect_err("no weights for no models"));
         };
-        self.run(Model::Borrowed(*first), others, control)
+        self.run(Model::Borrowed(*first), others, None, control)
             .map_err(|(e, _)| e)
     }
 
@@ -302,7 +356,7 @@ impl SphericalMean {
         others: &[&M],
         control: &mut MergeControl<'_>,
     ) -> Result<(M, Vec<MeanStats>), MergeIntoError<M>> {
-        self.run(Model::Owned(first), others, control)
+        self.run(Model::Owned(first), others, None, control)
             .map_err(|(e, model)| {
                 MergeIntoError::new(
                     e,
@@ -318,6 +372,7 @@ impl SphericalMean {
         &self,
         first: Model<'_, M>,
         others: &[&M],
+        base: Option<&M>,
         control: &mut MergeControl<'_>,
     ) -> Result<(M, Vec<MeanStats>), (MergeError, Option<M>)> {
         let give_back = |e: MergeError, first: Model<'_, M>| match first {
@@ -328,11 +383,15 @@ impl SphericalMean {
             return Err(give_back(e, first));
         }
         let names: Vec<String> = (0..=others.len()).map(|i| i.to_string()).collect();
-        let named: Vec<(&str, &M)> = names[1..]
+        let mut named: Vec<(&str, &M)> = names[1..]
             .iter()
             .map(String::as_str)
             .zip(others.iter().copied())
             .collect();
+        named.extend(base.map(|base| ("base", base)));
+        // The base walks as the last of the others.
+        let others: Vec<&M> = named.iter().map(|(_, m)| *m).collect();
+        let others = others.as_slice();
         let structure = match check_structure((&names[0], first.get()), &named) {
             Ok(structure) => structure,
             Err(e) => return Err(give_back(e, first)),
@@ -340,6 +399,7 @@ impl SphericalMean {
         let totals = totals(&structure);
         let combine = &mut MeanCombine {
             mean: self,
+            base: base.is_some(),
             cancelling: None,
         };
         let mapped = match first {
@@ -412,14 +472,18 @@ impl SphericalMean {
 
     /// The inputs that take part, as the engine computes them (the first model's tensor
     /// moved, not copied, so that the combine may write over it).
-    fn inputs<const D: usize>(&self, tensors: Vec<Tensor<D>>) -> Inputs<D> {
+    fn inputs<const D: usize>(
+        &self,
+        tensors: Vec<Tensor<D>>,
+        base: Option<Tensor<D>>,
+    ) -> Inputs<D> {
         let mut slots: Vec<Option<Tensor<D>>> = tensors.into_iter().map(Some).collect();
         Inputs::new(
             self.taking()
                 .iter()
                 .map(|i| slots[*i].take().expect("each input once"))
                 .collect(),
-            None,
+            base,
         )
     }
 
@@ -471,8 +535,9 @@ impl SphericalMean {
     fn compute<const D: usize>(
         &self,
         tensors: Vec<Tensor<D>>,
+        base: Option<Tensor<D>>,
     ) -> Result<(Tensor<D>, MeanStats), Refusal> {
-        let inputs = self.inputs(tensors);
+        let inputs = self.inputs(tensors, base);
         let prepared = self.prepare(&inputs)?;
         Ok(prepared.apply(inputs))
     }
@@ -498,12 +563,26 @@ impl MeanPrepared {
 /// The spherical mean of each float tensor.
 struct MeanCombine<'a> {
     mean: &'a SphericalMean,
+    /// Whether the last of the other models is the base of task vectors.
+    base: bool,
     /// The parameter whose weighted directions cancelled ([`Refusal::Cancelling`]): the walk
     /// stops there as at a non-finite one, and the error names it.
     cancelling: Option<String>,
 }
 
 impl MeanCombine<'_> {
+    /// Every model's tensor in order, and the base's.
+    fn split<const D: usize>(
+        &self,
+        first: Tensor<D>,
+        others: Vec<Tensor<D>>,
+    ) -> (Vec<Tensor<D>>, Option<Tensor<D>>) {
+        let mut all = vec![first];
+        all.extend(others);
+        let base = if self.base { all.pop() } else { None };
+        (all, base)
+    }
+
     /// The error a walk stopped with, told apart from a non-finite input.
     fn error(&self, stop: Stop) -> MergeError {
         match (stop, &self.cancelling) {
@@ -531,9 +610,8 @@ impl Combine for MeanCombine<'_> {
         first: Tensor<D>,
         others: Vec<Tensor<D>>,
     ) -> Option<(MeanPrepared, Option<MeanStats>)> {
-        let mut all = vec![first];
-        all.extend(others);
-        match self.mean.prepare(&self.mean.inputs(all)) {
+        let (all, base) = self.split(first, others);
+        match self.mean.prepare(&self.mean.inputs(all, base)) {
             Ok(prepared) => Some((prepared, None)),
             Err(refusal) => {
                 self.refused(path, refusal);
@@ -549,9 +627,8 @@ impl Combine for MeanCombine<'_> {
         first: Tensor<D>,
         others: Vec<Tensor<D>>,
     ) -> (Tensor<D>, Option<MeanStats>) {
-        let mut all = vec![first];
-        all.extend(others);
-        let (out, stats) = prepared.apply(self.mean.inputs(all));
+        let (all, base) = self.split(first, others);
+        let (out, stats) = prepared.apply(self.mean.inputs(all, base));
         (out, Some(stats))
     }
 
@@ -564,9 +641,8 @@ impl Combine for MeanCombine<'_> {
         let shape = first.shape();
         let dtype = first.dtype();
         let device = first.device();
-        let mut all = vec![first];
-        all.extend(others);
-        match self.mean.compute(all) {
+        let (all, base) = self.split(first, others);
+        match self.mean.compute(all, base) {
             Ok((out, stats)) => Interpolated::Done(out, Some(stats)),
             Err(refusal) => {
                 self.refused(path, refusal);

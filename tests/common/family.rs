@@ -285,6 +285,53 @@ pub fn task_vectors_hold_the_bar_near_their_base(device: &Device) {
             err <= 1e-6_f64.max(2.0 * rounding),
             "task vectors {size}: {err:e} (rounding alone {rounding:e})"
         );
+        // The mean methods on the same task vectors: mergekit's nuslerp and multislerp with a
+        // base, and the exact Karcher mean, each against its formula on the task vectors.
+        let w = [0.6, 0.4];
+        let tv = [da.clone(), db.clone()];
+        let flat = |v: &[f32]| tensor(v.to_vec(), [n], device);
+        for (name, method, want) in [
+            (
+                "nuslerp",
+                MeanMethod::Nuslerp,
+                nuslerp64(&da, &db, w[1] / (w[0] + w[1])),
+            ),
+            (
+                "multislerp",
+                MeanMethod::Multislerp {
+                    normalize_weights: true,
+                    eps: 1e-8,
+                },
+                multislerp64(&tv, &w, true, 1e-8),
+            ),
+            ("karcher", MeanMethod::Karcher, karcher64(&tv, &w, None)),
+        ] {
+            let mean = SphericalMean::new(w.to_vec()).unwrap().with_method(method);
+            let (out, _) = mean
+                .mean_with_base(flat(&base), vec![flat(&a), flat(&b)])
+                .unwrap();
+            let got: Vec<f64> = values(out)
+                .iter()
+                .zip(&b64)
+                .map(|(o, b)| *o as f64 - b)
+                .collect();
+            let err = (got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (g - w).powi(2))
+                .sum::<f64>())
+            .sqrt()
+                / norm(&want);
+            let rounding = (0..n)
+                .map(|e| ((b64[e] + want[e]) as f32 as f64 - b64[e] - want[e]).powi(2))
+                .sum::<f64>()
+                .sqrt()
+                / norm(&want);
+            assert!(
+                err <= 1e-6_f64.max(2.0 * rounding),
+                "{name} of task vectors {size}: {err:e} (rounding alone {rounding:e})"
+            );
+        }
         // The consuming form writes the same bits.
         let into = merger
             .merge_with_base_into(&layer(&base), layer(&a), &layer(&b))
