@@ -398,7 +398,8 @@ fn mean_figures(name: &str, device: &Device, a: &Gpt2Small, b: &Gpt2Small, c: &G
         black_box(&out);
     });
     println!(
-        "mean gpt2_small {name}: SphericalMean of 3: merge_into {into_s:.4} s, merge          {merge_s:.4} s, three-input reference {reference_s:.4} s; merge_into / reference {:.2}",
+        "mean gpt2_small {name}: SphericalMean of 3: merge_into {into_s:.4} s, merge \
+         {merge_s:.4} s, three-input reference {reference_s:.4} s; merge_into / reference {:.2}",
         into_s / reference_s
     );
 }

@@ -42,7 +42,10 @@
 //! * [`SlerpMerger::plan`] ([`MergePlan`]): the dry run; [`SlerpMerger::merge_with_report`]
 //!   ([`MergeReport`]): what the merge did, with a warning for unrelated inputs.
 //! * [`SlerpMerger::merge_with_base`]: SLERP of task vectors from a common base.
-//! * [`SphericalMean`]: the weighted Karcher mean of N models.
+//! * [`SphericalMean`]: the weighted Karcher mean of N models, and with [`MeanMethod`] the
+//!   rest of the SLERP family (mergekit's `karcher`, `multislerp` and `nuslerp`, the linear
+//!   mean), of the models or of their task vectors from a base: one pass for the inputs' Gram
+//!   matrix, coefficients on the host, one pass writing the combination.
 //! * [`SlerpMerger::sweep`] ([`Sweep`]): merge and score along `t`.
 //!
 //! ## Numerics
