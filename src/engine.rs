@@ -14,8 +14,8 @@ use crate::interpolate::compute_dtype;
 use crate::kernels;
 use crate::reduce;
 
+use crate::kernels::cpu::First;
 pub(crate) use crate::kernels::cpu::Lane;
-use crate::kernels::cpu::{First, MAX_INPUTS};
 
 /// Below this mean square per element, the f32 products of the CPU kernels may have lost
 /// digits to underflow: such a tensor's Gram matrix is recomputed on the tensor-op path.
@@ -48,8 +48,7 @@ impl<const D: usize> Inputs<D> {
         let dtypes: Vec<DType> = xs.iter().chain(&base).map(Tensor::dtype).collect();
         let same = dtypes.iter().all(|d| *d == out_dtype);
         let device = xs[0].device();
-        let fits = xs.len() <= MAX_INPUTS;
-        if same && fits && kernels::is_cpu(&device) {
+        if same && kernels::is_cpu(&device) {
             let half = matches!(out_dtype, DType::F16 | DType::BF16)
                 && kernels::takes_half(&xs[0], &xs[0]);
             if out_dtype == DType::F32 || half {
@@ -73,7 +72,7 @@ impl<const D: usize> Inputs<D> {
         };
         let xs: Vec<Tensor<D>> = xs.into_iter().map(cast).collect();
         let base = base.map(cast);
-        let route = if compute == FloatDType::F32 && fits && kernels::is_cpu(&device) {
+        let route = if compute == FloatDType::F32 && kernels::is_cpu(&device) {
             Route::Cpu
         } else {
             Route::Generic

@@ -1013,6 +1013,28 @@ fn mean_and_base_files_equal_the_library_in_memory() {
             assert_eq!(bits(&got), bits(&want), "{arg}: {name}");
         }
     }
+    // nuslerp takes two checkpoints: three are refused before anything is written.
+    let refused = dir.join("nuslerp.safetensors");
+    let o = run(
+        &[
+            "mean",
+            s(&paths[0]),
+            s(&paths[1]),
+            s(&paths[2]),
+            "--method",
+            "nuslerp",
+            "-o",
+            s(&refused),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("nuslerp merges exactly two models, got 3"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read_dir(&*dir).unwrap().count(), 3 + 4);
     // The mean of task vectors: the first two inputs over the third as their base.
     let out = dir.join("mean-base.safetensors");
     succeeds(&[

@@ -173,6 +173,8 @@ fn checked_mean(
             ),
         }));
     }
+    mean.validate(inputs.len())
+        .map_err(CheckpointError::Merge)?;
     let (first, output, plan) = checked(&inputs[0], &inputs[1], out, options)?;
     let mut rest = Vec::with_capacity(inputs.len() - 2);
     for (i, path) in inputs.iter().enumerate().skip(2) {

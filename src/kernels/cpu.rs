@@ -251,8 +251,39 @@ fn gram_rows<E: Lane, const K: usize, const BASE: bool>(
 /// The Gram matrices of `rows` equal rows of k contiguous buffers of one length (of their
 /// differences from `base`, where given): `rows` packed upper triangles of `k(k+1)/2` values,
 /// `(0,0), (0,1), …, (k−1,k−1)`.
+///
+/// More than [`MAX_INPUTS`] inputs are reduced in tiles: the inputs in groups of four, one pass
+/// over each pair of groups (at most eight inputs), each entry taken from a pass that holds
+/// both of its inputs (the same sums whichever pass that is).
 pub(crate) fn gram_slices<E: Lane>(xs: &[&[E]], base: Option<&[E]>, rows: usize) -> Vec<f64> {
-    for_k!(gram_rows, E, xs.len(), base, xs, rows)
+    let k = xs.len();
+    if k <= MAX_INPUTS {
+        return for_k!(gram_rows, E, k, base, xs, rows);
+    }
+    const GROUP: usize = MAX_INPUTS / 2;
+    let groups: Vec<Vec<usize>> = (0..k)
+        .step_by(GROUP)
+        .map(|s| (s..(s + GROUP).min(k)).collect())
+        .collect();
+    // (i, j), i ≤ j, sits at i·k − i(i − 1)/2 + (j − i) in a packed upper triangle of k.
+    let at = |k: usize, i: usize, j: usize| i * k - (i * i - i) / 2 + (j - i);
+    let mut out = vec![0.0; rows * packed(k)];
+    for a in 0..groups.len() {
+        for b in a + 1..groups.len() {
+            let idx: Vec<usize> = groups[a].iter().chain(&groups[b]).copied().collect();
+            let sub: Vec<&[E]> = idx.iter().map(|i| xs[*i]).collect();
+            let g = gram_slices(&sub, base, rows);
+            let m = idx.len();
+            for r in 0..rows {
+                for p in 0..m {
+                    for q in p..m {
+                        out[r * packed(k) + at(k, idx[p], idx[q])] = g[r * packed(m) + at(m, p, q)];
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Where the combine reads the first input: a slice of its own, or the output it is written
@@ -339,8 +370,11 @@ fn combine_rows<E: Lane, const K: usize, const BASE: bool>(
         First::Slice(x) => Some(x),
         First::InPlace => None,
     };
-    // In place, `out` is the whole first input.
-    let n = x0.map_or(out.len(), <[E]>::len);
+    // In place with no other input, `out` is the whole first input.
+    let n = match (x0, xs.get(1).copied()) {
+        (Some(x), _) | (None, Some(x)) => x.len(),
+        (None, None) => start + out.len(),
+    };
     assert!(
         cols > 0
             && n % cols == 0
@@ -348,8 +382,7 @@ fn combine_rows<E: Lane, const K: usize, const BASE: bool>(
             && xs[1..].iter().all(|x| x.len() == n)
             && x0.is_none_or(|x| x.len() == n)
             && (!BASE || base.len() == n)
-            && start + out.len() <= n
-            && (x0.is_some() || start == 0),
+            && start + out.len() <= n,
         "combine: inconsistent lengths"
     );
     out.par_chunks_mut(CHUNK)
@@ -378,10 +411,13 @@ fn combine_rows<E: Lane, const K: usize, const BASE: bool>(
 
 /// Elements `start .. start + out.len()` of the combination of k inputs (`Σ cᵢ·xᵢ`, or
 /// `base + Σ cᵢ·(xᵢ − base)` with a base) into `out`, with k coefficients per row of `cols`
-/// elements; `first` is the first input, or `out` itself (then `start` is 0 and `out` the whole
-/// tensor), and `rest[0]` is ignored. Returns whether every value is finite, found in the
+/// elements; `first` is the first input, or `out` itself (holding its values `start ..`), and
+/// then `inputs[0]` is ignored. Returns whether every value is finite, found in the
 /// same pass.
 #[allow(clippy::too_many_arguments)]
+///
+/// More than [`MAX_INPUTS`] inputs are folded in: the first eight written, then the rest
+/// added over `out` seven at a time (`out` taking coefficient 1), each pass rounding to `E`.
 pub(crate) fn combine_into<E: Lane>(
     out: &mut [MaybeUninit<E>],
     first: First<'_, E>,
@@ -391,6 +427,38 @@ pub(crate) fn combine_into<E: Lane>(
     cols: usize,
     coefficients: &[f32],
 ) -> bool {
+    let k = inputs.len();
+    if k > MAX_INPUTS {
+        let rows = coefficients.len() / k;
+        let pick = |from: usize, to: usize, lead: Option<f32>| -> Vec<f32> {
+            (0..rows)
+                .flat_map(|r| {
+                    let c = &coefficients[r * k..(r + 1) * k];
+                    lead.into_iter().chain(c[from..to].iter().copied())
+                })
+                .collect()
+        };
+        let mut ok = combine_into(
+            out,
+            first,
+            &inputs[..MAX_INPUTS],
+            base,
+            start,
+            cols,
+            &pick(0, MAX_INPUTS, None),
+        );
+        let mut from = MAX_INPUTS;
+        while from < k {
+            let to = (from + MAX_INPUTS - 1).min(k);
+            let fold: Vec<&[E]> = std::iter::once(&[][..])
+                .chain(inputs[from..to].iter().copied())
+                .collect();
+            let c = pick(from, to, Some(1.0));
+            ok &= combine_into(out, First::InPlace, &fold, base, start, cols, &c);
+            from = to;
+        }
+        return ok;
+    }
     for_k!(
         combine_rows,
         E,
@@ -817,6 +885,43 @@ mod tests {
                     let got = gram_slices(&refs, base, 1);
                     assert!(close(&got, &exact(&refs, base), k), "n={n} k={k}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn more_inputs_than_a_pass_takes_are_tiled() {
+        let (rows, cols) = (3, 700);
+        let n = rows * cols;
+        for k in [9, 13, 17] {
+            let xs: Vec<Vec<f32>> = (0..k).map(|s| input(n, s)).collect();
+            let refs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
+            let base = input(n, 40);
+            for base in [None, Some(base.as_slice())] {
+                let got = gram_slices(&refs, base, rows);
+                let p = packed(k);
+                for r in 0..rows {
+                    let s = r * cols..(r + 1) * cols;
+                    let row: Vec<&[f32]> = refs.iter().map(|x| &x[s.clone()]).collect();
+                    let b = base.map(|b| &b[s.clone()]);
+                    assert!(close(&got[r * p..(r + 1) * p], &exact(&row, b), k), "k={k}");
+                }
+                let coefficients: Vec<f32> =
+                    (0..rows * k).map(|i| 0.1 + (i % 5) as f32 * 0.05).collect();
+                let out = combine_slices(&refs, base, &coefficients);
+                for (e, o) in out.iter().enumerate() {
+                    let c = &coefficients[e / cols * k..];
+                    let d = |i: usize| xs[i][e] as f64 - base.map_or(0.0, |b| b[e] as f64);
+                    let want = base.map_or(0.0, |b| b[e] as f64)
+                        + (0..k).map(|i| c[i] as f64 * d(i)).sum::<f64>();
+                    assert!(
+                        (*o as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "k={k} e={e}"
+                    );
+                }
+                let mut first = xs[0].clone();
+                combine_in_place(&mut first, &refs, base, &coefficients);
+                assert_eq!(first, out);
             }
         }
     }

@@ -182,7 +182,8 @@ impl SphericalMean {
         &self.weights
     }
 
-    fn validate(&self, models: usize) -> Result<(), MergeError> {
+    /// Every check of the mean's settings against the number of models it is given.
+    pub(crate) fn validate(&self, models: usize) -> Result<(), MergeError> {
         if models != self.weights.len() {
             return Err(MergeError::InvalidWeights {
                 reason: format!("{} weights for {models} models", self.weights.len()),
