@@ -235,6 +235,22 @@ pub fn karcher_of_fine_tunes_holds_the_bar(device: &Device) {
     }
 }
 
+/// The bar for methods on task vectors: `out − base` against the f64 `want` (= result − base),
+/// within 1e-6 relative or twice what rounding the f64 result once to f32 costs.
+fn assert_task_vector_bar(out: &[f32], base: &[f64], want: &[f64], what: &str) {
+    let rel = |d: f64| d.sqrt() / norm(want);
+    let err = rel((0..want.len())
+        .map(|e| (out[e] as f64 - base[e] - want[e]).powi(2))
+        .sum());
+    let rounding = rel((0..want.len())
+        .map(|e| ((base[e] + want[e]) as f32 as f64 - base[e] - want[e]).powi(2))
+        .sum());
+    assert!(
+        err <= 1e-6_f64.max(2.0 * rounding),
+        "{what}: {err:e} (rounding alone {rounding:e})"
+    );
+}
+
 /// Task vectors 0.1% and 3% of their base: `result − base` against the f64 `result − base`,
 /// within 1e-6 or twice the cost of rounding the f64 result once to f32.
 pub fn task_vectors_hold_the_bar_near_their_base(device: &Device) {
@@ -274,23 +290,7 @@ pub fn task_vectors_hold_the_bar_near_their_base(device: &Device) {
             .merge_with_base(&layer(&base), &layer(&a), &layer(&b))
             .unwrap();
         let out = values(merged.weight.val());
-        let got: Vec<f64> = out.iter().zip(&b64).map(|(o, b)| *o as f64 - b).collect();
-        let err = (got
-            .iter()
-            .zip(&want)
-            .map(|(g, w)| (g - w).powi(2))
-            .sum::<f64>())
-        .sqrt()
-            / norm(&want);
-        let rounding = (0..n)
-            .map(|e| ((b64[e] + want[e]) as f32 as f64 - b64[e] - want[e]).powi(2))
-            .sum::<f64>()
-            .sqrt()
-            / norm(&want);
-        assert!(
-            err <= 1e-6_f64.max(2.0 * rounding),
-            "task vectors {size}: {err:e} (rounding alone {rounding:e})"
-        );
+        assert_task_vector_bar(&out, &b64, &want, &format!("task vectors {size}"));
         // The mean methods on the same task vectors: mergekit's nuslerp and multislerp with a
         // base, and the exact Karcher mean, each against its formula on the task vectors.
         let w = [0.6, 0.4];
@@ -316,27 +316,8 @@ pub fn task_vectors_hold_the_bar_near_their_base(device: &Device) {
             let (out, _) = mean
                 .mean_with_base(flat(&base), vec![flat(&a), flat(&b)])
                 .unwrap();
-            let got: Vec<f64> = values(out)
-                .iter()
-                .zip(&b64)
-                .map(|(o, b)| *o as f64 - b)
-                .collect();
-            let err = (got
-                .iter()
-                .zip(&want)
-                .map(|(g, w)| (g - w).powi(2))
-                .sum::<f64>())
-            .sqrt()
-                / norm(&want);
-            let rounding = (0..n)
-                .map(|e| ((b64[e] + want[e]) as f32 as f64 - b64[e] - want[e]).powi(2))
-                .sum::<f64>()
-                .sqrt()
-                / norm(&want);
-            assert!(
-                err <= 1e-6_f64.max(2.0 * rounding),
-                "{name} of task vectors {size}: {err:e} (rounding alone {rounding:e})"
-            );
+            let what = format!("{name} of task vectors {size}");
+            assert_task_vector_bar(&values(out), &b64, &want, &what);
         }
         // The consuming form writes the same bits.
         let into = merger
