@@ -194,16 +194,18 @@ impl Writing {
         let t = match &tensor.origin {
             Origin::CopyA => return emit(&self.read(&self.a, name)?.1),
             Origin::CopyB => return emit(&self.read(&self.b, name)?.1),
-            Origin::Merge(_) if let Some((mean, _)) = &self.mean => {
+            Origin::Merge(assignment) if let Some((mean, _)) = &self.mean => {
+                let weights = mean
+                    .weights_at(name, assignment.position)
+                    .map_err(CheckpointError::Merge)?;
                 if self.on_host(tensor) {
                     let mut scratch = lock(&self.scratch);
-                    if let Some(result) =
-                        self.merge_on_host(tensor, HostMerge::Mean(mean), &mut scratch, emit)
-                    {
+                    let how = HostMerge::Mean(mean, &weights);
+                    if let Some(result) = self.merge_on_host(tensor, how, &mut scratch, emit) {
                         return result;
                     }
                 }
-                let bytes = self.merge_mean(tensor)?;
+                let bytes = self.merge_mean(tensor, &weights)?;
                 return emit(&bytes);
             }
             Origin::Merge(assignment) => assignment.t,
@@ -268,11 +270,11 @@ impl Writing {
         };
         let (sources, base): (Vec<&Checkpoint>, Option<&Checkpoint>) = match how {
             HostMerge::Slerp(_) => (vec![&self.a, &self.b], self.base.as_ref()),
-            HostMerge::Mean(mean) => {
+            HostMerge::Mean(mean, weights) => {
                 let (_, rest) = self.mean.as_ref().expect("a mean");
                 let all: Vec<&Checkpoint> = [&self.a, &self.b].into_iter().chain(rest).collect();
                 (
-                    mean.taking().iter().map(|i| all[*i]).collect(),
+                    mean.taking(weights).iter().map(|i| all[*i]).collect(),
                     self.base.as_ref(),
                 )
             }
@@ -380,9 +382,9 @@ impl Writing {
                     .collect();
                 (rows, flat)
             }
-            HostMerge::Mean(mean) => {
+            HostMerge::Mean(mean, weights) => {
                 let gram = engine::gram_slices(xs, base_values, 1)?;
-                let (coeffs, mut stats) = match mean.coefficients(&gram[0], n) {
+                let (coeffs, mut stats) = match mean.coefficients(&gram[0], n, weights) {
                     Ok(done) => done,
                     Err(Refusal::NonFinite) => return non_finite(),
                     Err(Refusal::Cancelling) => {
@@ -463,7 +465,11 @@ impl Writing {
 
     /// The spherical mean of one tensor of every input, through Burn tensors on the options'
     /// device.
-    fn merge_mean(&self, tensor: &OutputTensor) -> Result<Vec<u8>, CheckpointError> {
+    fn merge_mean(
+        &self,
+        tensor: &OutputTensor,
+        weights: &[f64],
+    ) -> Result<Vec<u8>, CheckpointError> {
         let (mean, rest) = self.mean.as_ref().expect("a mean");
         let name = &tensor.name;
         let tensors = [&self.a, &self.b]
@@ -476,20 +482,19 @@ impl Writing {
             .as_ref()
             .map(|b| self.load(b, tensor))
             .transpose()?;
-        let result = match base {
-            Some(base) => mean.mean_with_base(base, tensors),
-            None => mean.mean(tensors),
-        };
-        let (out, mut stats) = result.map_err(|e| match e {
-            MergeError::NonFinite { .. } => CheckpointError::NonFinite {
-                name: name.clone(),
-                reason: "an input holds a NaN or an infinity".into(),
-            },
-            MergeError::CancellingDirections { .. } => {
-                CheckpointError::Merge(MergeError::CancellingDirections { path: name.clone() })
-            }
-            other => CheckpointError::Merge(other),
-        })?;
+        let (out, mut stats) =
+            mean.compute(tensors, base, weights)
+                .map_err(|refusal| match refusal {
+                    Refusal::NonFinite => CheckpointError::NonFinite {
+                        name: name.clone(),
+                        reason: "an input holds a NaN or an infinity".into(),
+                    },
+                    Refusal::Cancelling => {
+                        CheckpointError::Merge(MergeError::CancellingDirections {
+                            path: name.clone(),
+                        })
+                    }
+                })?;
         stats.path = name.clone();
         lock(&self.mean_stats).push((tensor.index, stats));
         encode(tensor.dtype, &out.into_data()).ok_or_else(|| does_not_fit(name, tensor.dtype))
@@ -577,8 +582,8 @@ fn half_slices<'d, E: bytemuck::Pod>(
 enum HostMerge<'m> {
     /// SLERP of A and B (of their task vectors when there is a base), at the config's `t`.
     Slerp(&'m SlerpConfig),
-    /// The mean of the inputs.
-    Mean(&'m SphericalMean),
+    /// The mean of the inputs, with every input's weight at this tensor.
+    Mean(&'m SphericalMean, &'m [f64]),
 }
 
 fn does_not_fit(name: &str, dtype: DType) -> CheckpointError {

@@ -1,5 +1,7 @@
 //! [`SphericalMean`]: the weighted Riemannian (Karcher) mean of N models on the sphere.
 
+use std::collections::HashMap;
+
 use burn::module::Module;
 use burn::tensor::Tensor;
 use serde::Serialize;
@@ -14,6 +16,7 @@ use crate::error::MergeIntoError;
 use crate::family::{Gram, KarcherOptions, Refusal, Rule, nuslerp_t};
 use crate::interpolate::{AutodiffState, Interpolated, TensorInfo, check_pair};
 use crate::numerics::Branch;
+use crate::schedule::{Resolver, Schedule, layer_positions};
 
 /// The weighted Karcher mean of N ≥ 2 models (or tensors) on the sphere.
 ///
@@ -61,6 +64,8 @@ pub struct SphericalMean {
     max_steps: usize,
     eps: f64,
     method: MeanMethod,
+    /// Per-parameter weights of some models: (model index, its schedule).
+    schedules: Vec<(usize, Schedule)>,
 }
 
 /// The member of the SLERP family a [`SphericalMean`] computes. Each is one pass over the
@@ -148,7 +153,49 @@ impl SphericalMean {
             max_steps: 1000,
             eps: 1e-8,
             method: MeanMethod::Karcher,
+            schedules: Vec::new(),
         })
+    }
+
+    /// Gives model `model` (its index in the order models are given) a weight per parameter:
+    /// the first rule of `schedule` whose glob matches a parameter's path (a tensor's name in
+    /// a file) gives its weight there, a constant or a gradient over the layer stack as for
+    /// [`SlerpConfig`](crate::SlerpConfig)'s `t` (values finite and ≥ 0); the parameters no
+    /// rule matches take the model's weight from [`new`](Self::new).
+    ///
+    /// ```
+    /// use burn_slerp::{Schedule, SphericalMean};
+    ///
+    /// // The second model counts for nothing in the attention layers, and for more and more
+    /// // of the MLPs towards the last layer.
+    /// let schedule = Schedule::new()
+    ///     .with_rule("**.attn.**", 0.0.into())
+    ///     .with_rule("**.mlp.**", vec![0.0, 2.0].into());
+    /// let mean = SphericalMean::new(vec![1.0, 1.0])?.with_weight_schedule(1, schedule);
+    /// # Ok::<(), burn_slerp::MergeError>(())
+    /// ```
+    pub fn with_weight_schedule(mut self, model: usize, schedule: Schedule) -> Self {
+        self.schedules.retain(|(m, _)| *m != model);
+        self.schedules.push((model, schedule));
+        self
+    }
+
+    /// Every model's weight at the parameter `path`, at layer `position`.
+    pub(crate) fn weights_at(&self, path: &str, position: f64) -> Result<Vec<f64>, MergeError> {
+        let mut weights = self.weights.clone();
+        for (model, schedule) in &self.schedules {
+            let mut resolver = Resolver::weights(schedule, self.weights[*model])?;
+            weights[*model] = resolver.resolve(path, position).t;
+        }
+        if self.method != MeanMethod::Nuslerp
+            && !matches!(self.method, MeanMethod::MergekitKarcher { .. })
+            && weights.iter().sum::<f64>() <= 0.0
+        {
+            return Err(MergeError::InvalidWeights {
+                reason: format!("the weights of `{path}` sum to 0"),
+            });
+        }
+        Ok(weights)
     }
 
     /// The member of the family to compute ([`MeanMethod::Karcher`] by default).
@@ -188,6 +235,14 @@ impl SphericalMean {
             return Err(MergeError::InvalidWeights {
                 reason: format!("{} weights for {models} models", self.weights.len()),
             });
+        }
+        if let Some((model, _)) = self.schedules.iter().find(|(m, _)| *m >= models) {
+            return Err(MergeError::InvalidWeights {
+                reason: format!("a weight schedule for model {model} of {models}"),
+            });
+        }
+        for (_, schedule) in &self.schedules {
+            schedule.compile_weights()?;
         }
         if self.method == MeanMethod::Nuslerp && models != 2 {
             return Err(MergeError::InvalidWeights {
@@ -255,10 +310,12 @@ impl SphericalMean {
         let inner: Vec<_> = tensors.into_iter().map(Tensor::inner).collect();
         let path = String::new();
         let base = base.map(Tensor::inner);
-        let (out, stats) = self.compute(inner, base).map_err(|refusal| match refusal {
-            Refusal::NonFinite => MergeError::NonFinite { path },
-            Refusal::Cancelling => MergeError::CancellingDirections { path },
-        })?;
+        let (out, stats) =
+            self.compute(inner, base, &self.weights)
+                .map_err(|refusal| match refusal {
+                    Refusal::NonFinite => MergeError::NonFinite { path },
+                    Refusal::Cancelling => MergeError::CancellingDirections { path },
+                })?;
         Ok((autodiff.restore(out), stats))
     }
 
@@ -398,9 +455,18 @@ impl SphericalMean {
             Err(e) => return Err(give_back(e, first)),
         };
         let totals = totals(&structure);
+        let paths: Vec<&str> = structure.floats().map(|s| s.path.as_str()).collect();
+        let mut weights = HashMap::new();
+        for (path, position) in paths.iter().zip(layer_positions(&paths)) {
+            match self.weights_at(path, position) {
+                Ok(w) => weights.insert(path.to_string(), w),
+                Err(e) => return Err(give_back(e, first)),
+            };
+        }
         let combine = &mut MeanCombine {
             mean: self,
             base: base.is_some(),
+            weights,
             cancelling: None,
         };
         let mapped = match first {
@@ -426,13 +492,9 @@ impl SphericalMean {
 
     /// The rule of the family and the inputs that take part: those of weight > 0, or every
     /// input for mergekit's `karcher`, which weighs them equally.
-    fn rule(&self) -> (Rule, Vec<usize>) {
-        let all: Vec<usize> = (0..self.weights.len()).collect();
-        let weighted: Vec<usize> = all
-            .iter()
-            .copied()
-            .filter(|i| self.weights[*i] > 0.0)
-            .collect();
+    fn rule(&self, weights: &[f64]) -> (Rule, Vec<usize>) {
+        let all: Vec<usize> = (0..weights.len()).collect();
+        let weighted: Vec<usize> = all.iter().copied().filter(|i| weights[*i] > 0.0).collect();
         match self.method {
             MeanMethod::Karcher => (
                 Rule::Karcher(KarcherOptions {
@@ -457,7 +519,7 @@ impl SphericalMean {
             ),
             MeanMethod::Nuslerp => (
                 Rule::Nuslerp {
-                    t: nuslerp_t(self.weights[0], self.weights[1]),
+                    t: nuslerp_t(weights[0], weights[1]),
                 },
                 all,
             ),
@@ -467,8 +529,8 @@ impl SphericalMean {
 
     /// The inputs that take part, by index: those of weight > 0, or every input for
     /// mergekit's `karcher`, which weighs them equally.
-    pub(crate) fn taking(&self) -> Vec<usize> {
-        self.rule().1
+    pub(crate) fn taking(&self, weights: &[f64]) -> Vec<usize> {
+        self.rule(weights).1
     }
 
     /// The inputs that take part, as the engine computes them (the first model's tensor
@@ -477,10 +539,11 @@ impl SphericalMean {
         &self,
         tensors: Vec<Tensor<D>>,
         base: Option<Tensor<D>>,
+        weights: &[f64],
     ) -> Inputs<D> {
         let mut slots: Vec<Option<Tensor<D>>> = tensors.into_iter().map(Some).collect();
         Inputs::new(
-            self.taking()
+            self.taking(weights)
                 .iter()
                 .map(|i| slots[*i].take().expect("each input once"))
                 .collect(),
@@ -494,9 +557,10 @@ impl SphericalMean {
         &self,
         gram: &Gram,
         numel: usize,
+        weights: &[f64],
     ) -> Result<(Vec<f64>, MeanStats), Refusal> {
-        let (rule, taking) = self.rule();
-        let weights: Vec<f64> = taking.iter().map(|i| self.weights[*i]).collect();
+        let (rule, taking) = self.rule(weights);
+        let weights: Vec<f64> = taking.iter().map(|i| weights[*i]).collect();
         let outcome = rule.coefficients(gram, &weights)?;
         let stats = MeanStats {
             path: String::new(),
@@ -510,7 +574,11 @@ impl SphericalMean {
 
     /// The statistics pass of one tensor: the Gram matrix and the coefficients, nothing
     /// written.
-    fn prepare<const D: usize>(&self, inputs: &Inputs<D>) -> Result<MeanPrepared, Refusal> {
+    fn prepare<const D: usize>(
+        &self,
+        inputs: &Inputs<D>,
+        weights: &[f64],
+    ) -> Result<MeanPrepared, Refusal> {
         let numel = inputs.numel();
         if numel == 0 {
             let stats = MeanStats {
@@ -525,7 +593,7 @@ impl SphericalMean {
                 stats,
             });
         }
-        let (coefficients, stats) = self.coefficients(&inputs.gram(1)[0], numel)?;
+        let (coefficients, stats) = self.coefficients(&inputs.gram(1)[0], numel, weights)?;
         Ok(MeanPrepared {
             coefficients: Some(coefficients),
             stats,
@@ -533,13 +601,14 @@ impl SphericalMean {
     }
 
     /// The mean of tensors known to match, without autodiff.
-    fn compute<const D: usize>(
+    pub(crate) fn compute<const D: usize>(
         &self,
         tensors: Vec<Tensor<D>>,
         base: Option<Tensor<D>>,
+        weights: &[f64],
     ) -> Result<(Tensor<D>, MeanStats), Refusal> {
-        let inputs = self.inputs(tensors, base);
-        let prepared = self.prepare(&inputs)?;
+        let inputs = self.inputs(tensors, base, weights);
+        let prepared = self.prepare(&inputs, weights)?;
         Ok(prepared.apply(inputs))
     }
 }
@@ -566,6 +635,8 @@ struct MeanCombine<'a> {
     mean: &'a SphericalMean,
     /// Whether the last of the other models is the base of task vectors.
     base: bool,
+    /// Every model's weight at each float parameter.
+    weights: HashMap<String, Vec<f64>>,
     /// The parameter whose weighted directions cancelled ([`Refusal::Cancelling`]): the walk
     /// stops there as at a non-finite one, and the error names it.
     cancelling: Option<String>,
@@ -612,7 +683,11 @@ impl Combine for MeanCombine<'_> {
         others: Vec<Tensor<D>>,
     ) -> Option<(MeanPrepared, Option<MeanStats>)> {
         let (all, base) = self.split(first, others);
-        match self.mean.prepare(&self.mean.inputs(all, base)) {
+        let weights = &self.weights[path];
+        match self
+            .mean
+            .prepare(&self.mean.inputs(all, base, weights), weights)
+        {
             Ok(prepared) => Some((prepared, None)),
             Err(refusal) => {
                 self.refused(path, refusal);
@@ -623,13 +698,13 @@ impl Combine for MeanCombine<'_> {
 
     fn apply<const D: usize>(
         &mut self,
-        _path: &str,
+        path: &str,
         prepared: MeanPrepared,
         first: Tensor<D>,
         others: Vec<Tensor<D>>,
     ) -> (Tensor<D>, Option<MeanStats>) {
         let (all, base) = self.split(first, others);
-        let (out, stats) = prepared.apply(self.mean.inputs(all, base));
+        let (out, stats) = prepared.apply(self.mean.inputs(all, base, &self.weights[path]));
         (out, Some(stats))
     }
 
@@ -643,12 +718,47 @@ impl Combine for MeanCombine<'_> {
         let dtype = first.dtype();
         let device = first.device();
         let (all, base) = self.split(first, others);
-        match self.mean.compute(all, base) {
+        match self.mean.compute(all, base, &self.weights[path]) {
             Ok((out, stats)) => Interpolated::Done(out, Some(stats)),
             Err(refusal) => {
                 self.refused(path, refusal);
                 Interpolated::NonFinite(Tensor::zeros(shape, (&device, dtype)))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weight_schedules_give_each_path_its_weights() {
+        let mean = SphericalMean::new(vec![1.0, 2.0, 3.0])
+            .unwrap()
+            .with_weight_schedule(
+                1,
+                Schedule::new().with_rule("**.mlp.**", vec![0.0, 4.0].into()),
+            )
+            .with_weight_schedule(2, Schedule::new().with_rule("head.*", 0.5.into()));
+        assert_eq!(
+            mean.weights_at("layers.3.mlp.w", 0.25).unwrap(),
+            [1.0, 1.0, 3.0]
+        );
+        assert_eq!(mean.weights_at("head.w", 0.0).unwrap(), [1.0, 2.0, 0.5]);
+        assert_eq!(mean.weights_at("embed", 0.0).unwrap(), [1.0, 2.0, 3.0]);
+        // Weights are not bounded by 1, but are ≥ 0 and finite.
+        let bad = mean
+            .clone()
+            .with_weight_schedule(0, Schedule::new().with_rule("**", (-1.0).into()));
+        assert!(matches!(
+            bad.validate(3),
+            Err(MergeError::InvalidSchedule { .. })
+        ));
+        assert!(matches!(
+            mean.validate(2),
+            Err(MergeError::InvalidWeights { .. })
+        ));
+        assert!(mean.validate(3).is_ok());
     }
 }

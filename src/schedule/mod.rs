@@ -86,6 +86,20 @@ impl Schedule {
     }
 
     pub(crate) fn compile(&self) -> Result<Vec<Glob>, MergeError> {
+        self.compile_for(|v| (0.0..=1.0).contains(&v), "t", "a number in [0, 1]")
+    }
+
+    /// [`compile`](Self::compile) for a schedule of weights: values finite and ≥ 0.
+    pub(crate) fn compile_weights(&self) -> Result<Vec<Glob>, MergeError> {
+        self.compile_for(|v| v >= 0.0, "weight", "a number ≥ 0")
+    }
+
+    fn compile_for(
+        &self,
+        in_range: impl Fn(f64) -> bool,
+        what: &str,
+        range: &str,
+    ) -> Result<Vec<Glob>, MergeError> {
         self.rules
             .iter()
             .enumerate()
@@ -102,11 +116,8 @@ impl Schedule {
                     }
                     Factor::Gradient(v) => v,
                 };
-                if let Some(v) = values
-                    .iter()
-                    .find(|v| !(v.is_finite() && (0.0..=1.0).contains(*v)))
-                {
-                    return Err(bad(format!("t = {v} is not a number in [0, 1]")));
+                if let Some(v) = values.iter().find(|v| !(v.is_finite() && in_range(**v))) {
+                    return Err(bad(format!("{what} = {v} is not {range}")));
                 }
                 Glob::new(&rule.filter).map_err(bad)
             })
@@ -173,6 +184,17 @@ impl<'a> Resolver<'a> {
             used: vec![false; globs.len()],
             globs,
             default_t,
+        })
+    }
+
+    /// [`new`](Self::new) for a schedule of weights (values ≥ 0, not bounded by 1).
+    pub(crate) fn weights(schedule: &'a Schedule, default: f64) -> Result<Self, MergeError> {
+        let globs = schedule.compile_weights()?;
+        Ok(Self {
+            rules: &schedule.rules,
+            used: vec![false; globs.len()],
+            globs,
+            default_t: default,
         })
     }
 

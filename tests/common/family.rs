@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 
 use burn::tensor::{DType, Device, Tensor};
 use burn_slerp::{
-    Branch, LerpReason, MeanMethod, MergeControl, MergeError, SlerpConfig, SlerpMerger,
+    Branch, LerpReason, MeanMethod, MergeControl, MergeError, Schedule, SlerpConfig, SlerpMerger,
     SphericalMean,
 };
 use rand::SeedableRng;
@@ -424,7 +424,8 @@ fn supports_bf16(device: &Device) -> bool {
 }
 
 /// Every method on whole models: `merge_into` bit for bit with `merge`, progress for every
-/// tensor of both passes, cancellation before the first write handing the model back.
+/// tensor of both passes, cancellation before the first write handing the model back; weight
+/// schedules giving each tensor its own weights.
 pub fn mean_methods_on_models(device: &Device) {
     let models: Vec<Net> = (0..3).map(|s| net(device, 80 + s)).collect();
     let refs: Vec<&Net> = models.iter().collect();
@@ -453,6 +454,38 @@ pub fn mean_methods_on_models(device: &Device) {
         assert_eq!(dump(&into), dump(&merged), "{method:?}");
         assert_eq!(seen, 2 * stats.len(), "{method:?}");
     }
+    // A weight schedule: the third model takes no part in the biases, and weighs 4 in the
+    // rest; each tensor equals the mean with that tensor's weights, bit for bit.
+    let scheduled = SphericalMean::new(vec![0.2, 0.3, 0.5])
+        .unwrap()
+        .with_weight_schedule(
+            2,
+            Schedule::new()
+                .with_rule("**.bias", 0.0.into())
+                .with_rule("**", 4.0.into()),
+        );
+    let (merged, _) = scheduled.merge(&refs).unwrap();
+    let biases = SphericalMean::new(vec![0.2, 0.3, 0.0]).unwrap();
+    let rest = SphericalMean::new(vec![0.2, 0.3, 4.0]).unwrap();
+    let (by_bias, by_rest) = (
+        dump(&biases.merge(&refs).unwrap().0),
+        dump(&rest.merge(&refs).unwrap().0),
+    );
+    for (path, got) in dump(&merged) {
+        let want = if path.ends_with(".bias") {
+            &by_bias[&path]
+        } else {
+            &by_rest[&path]
+        };
+        assert_eq!(&got, want, "{path}");
+    }
+    // Weights that vanish at a parameter are refused, naming it.
+    let err = SphericalMean::new(vec![1.0, 0.0, 0.0])
+        .unwrap()
+        .with_weight_schedule(0, Schedule::new().with_rule("**.bias", 0.0.into()))
+        .merge(&refs)
+        .unwrap_err();
+    assert!(err.to_string().contains(".bias` sum to 0"), "{err}");
     let stop = AtomicBool::new(true);
     let mut control = MergeControl::new().cancel_when(&stop);
     let mean = SphericalMean::new(vec![1.0, 1.0, 1.0]).unwrap();
