@@ -172,6 +172,7 @@ impl SphericalMean {
     ///     .with_rule("**.attn.**", 0.0.into())
     ///     .with_rule("**.mlp.**", vec![0.0, 2.0].into());
     /// let mean = SphericalMean::new(vec![1.0, 1.0])?.with_weight_schedule(1, schedule);
+    /// assert_eq!(mean.weights(), [1.0, 1.0]); // the weights where no rule matches
     /// # Ok::<(), burn_slerp::MergeError>(())
     /// ```
     pub fn with_weight_schedule(mut self, model: usize, schedule: Schedule) -> Self {
