@@ -18,7 +18,8 @@ use crate::kernels::cpu::First;
 pub(crate) use crate::kernels::cpu::Lane;
 
 /// Below this mean square per element, the f32 products of the CPU kernels may have lost
-/// digits to underflow: such a tensor's Gram matrix is recomputed on the tensor-op path.
+/// digits to underflow (|x| < 1.1e-19 squares below f32's normal range): such a tensor's Gram
+/// matrix is recomputed on the tensor-op path (in f64 on the CPU backends).
 const UNDERFLOW_MEAN_SQUARE: f64 = 1e-35;
 
 /// How the inputs are computed.
@@ -108,14 +109,10 @@ impl<const D: usize> Inputs<D> {
     /// The Gram matrix of each of `rows` equal rows (1: the whole tensor), of the inputs or of
     /// their differences from the base.
     pub(crate) fn gram(&self, rows: usize) -> Vec<Gram> {
-        let k = self.k();
-        if self.route == Route::Cpu {
-            let packed = kernels::cpu::gram(&self.xs, self.base.as_ref(), rows);
-            let grams = unpack(k, &packed);
-            let cols = self.numel() / rows.max(1);
-            if trusted(&grams, cols) {
-                return grams;
-            }
+        if self.route == Route::Cpu
+            && let Some(grams) = cpu_grams_of(&self.xs, self.base.as_ref(), rows)
+        {
+            return grams;
         }
         self.generic_gram(rows)
     }
@@ -243,6 +240,22 @@ fn generic_combine<const D: usize>(
         Some(base) => base.add(sum),
         None => sum,
     }
+}
+
+/// The Gram matrices of `rows` equal rows of tensors on flex or ndarray (f32, or one half
+/// dtype on flex) through the fused kernels; `None` when they cannot be trusted.
+pub(crate) fn cpu_grams<const D: usize>(xs: &[Tensor<D>], rows: usize) -> Option<Vec<Gram>> {
+    cpu_grams_of(xs, None, rows)
+}
+
+fn cpu_grams_of<const D: usize>(
+    xs: &[Tensor<D>],
+    base: Option<&Tensor<D>>,
+    rows: usize,
+) -> Option<Vec<Gram>> {
+    let grams = unpack(xs.len(), &kernels::cpu::gram(xs, base, rows));
+    let cols = xs[0].shape().num_elements() / rows.max(1);
+    trusted(&grams, cols).then_some(grams)
 }
 
 /// `rows` Gram matrices from the kernels' packed upper triangles.

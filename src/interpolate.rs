@@ -11,16 +11,13 @@
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 
 use crate::config::{Granularity, Method, SlerpConfig};
+use crate::engine;
 use crate::error::MergeError;
+use crate::family::Gram;
 use crate::kernels::{self, Route};
 use crate::numerics::{Coefficients, LerpReason, PairStats, coefficients};
 use crate::reduce;
 use crate::stats::TensorStats;
-
-/// Below this mean square per element, the f32 squares of the CPU kernels may have lost digits
-/// to underflow (|x| < 1.1e-19 squares below f32's normal range): such a tensor's statistics
-/// are recomputed in f64 before they are trusted.
-const UNDERFLOW_MEAN_SQUARE: f64 = 1e-35;
 
 /// Spherical linear interpolation of two float tensors of one shape.
 ///
@@ -414,7 +411,6 @@ pub(crate) fn prepare<const D: usize>(
     }
     let split = Split::of(&dims, config);
     let rows = split.vectors;
-    let cols = n / rows;
     // The device kernels know only the default zero-norm rule; mergekit's takes the host's.
     #[cfg(feature = "wgpu")]
     let route = match pair.route {
@@ -442,22 +438,10 @@ pub(crate) fn prepare<const D: usize>(
             let prepared = Prepared::Device(Box::new(prepared));
             return Some((prepared, Some(Summary::OnDevice(stats))));
         }
-        Route::Cpu => {
-            let packed = kernels::cpu::gram(&[a.clone(), b.clone()], None, rows);
-            let fused: Vec<PairStats> = packed
-                .chunks_exact(3)
-                .map(|g| PairStats {
-                    aa: g[0],
-                    ab: g[1],
-                    bb: g[2],
-                })
-                .collect();
-            if trusted(&fused, cols) {
-                fused
-            } else {
-                generic_stats(a, b, rows)
-            }
-        }
+        Route::Cpu => match engine::cpu_grams(&[a.clone(), b.clone()], rows) {
+            Some(grams) => grams.iter().map(Gram::pair).collect(),
+            None => generic_stats(a, b, rows),
+        },
         Route::Generic => generic_stats(a, b, rows),
     };
     let (coeffs, summary) = finish(&stats, &dims, config)?;
@@ -467,16 +451,6 @@ pub(crate) fn prepare<const D: usize>(
 /// The number of vectors a tensor of `dims` is split into for `config`: its rows, or 1.
 pub(crate) fn vectors(dims: &[usize], config: &SlerpConfig) -> usize {
     Split::of(dims, config).vectors
-}
-
-/// Whether the CPU kernels' statistics of rows of `cols` elements can be trusted: their f32
-/// lanes overflow for |x| > 1.8e19 and lose digits below 1e-19, and the f64 path decides
-/// those tensors.
-pub(crate) fn trusted(stats: &[PairStats], cols: usize) -> bool {
-    let floor = UNDERFLOW_MEAN_SQUARE * cols as f64;
-    stats
-        .iter()
-        .all(|s| s.is_finite() && s.aa >= floor && s.bb >= floor)
 }
 
 /// The coefficients of each vector of a tensor of `dims` from its statistics, and the summary;
