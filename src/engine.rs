@@ -1,8 +1,10 @@
 //! The engine of the SLERP family on tensors: for k inputs of one shape (and an optional base,
 //! for methods on task vectors), one pass for the Gram matrix of each vector (the whole tensor
 //! or each row), coefficients on the host ([`crate::family`]), one pass that writes the
-//! combination. The fused CPU kernels do both passes on flex and ndarray; every other device
-//! and dtype takes Burn's tensor ops, with the reductions of [`crate::reduce`].
+//! combination. The fused CPU kernels do both passes on flex and ndarray, the CubeCL kernels
+//! on wgpu (2 to 8 f32 inputs; a caller that walks a whole model queues every Gram pass with
+//! [`Inputs::queue_gram`] and reads them back at once); every other device, dtype and number
+//! of inputs takes Burn's tensor ops, with the reductions of [`crate::reduce`].
 //!
 //! The file merge reaches the same kernels through [`gram_slices`] and [`combine_block`], on
 //! the values it reads from its memory maps.
@@ -26,6 +28,9 @@ const UNDERFLOW_MEAN_SQUARE: f64 = 1e-35;
 enum Route {
     /// The fused CPU kernels.
     Cpu,
+    /// The CubeCL kernels: 2 to 8 f32 inputs on a wgpu device.
+    #[cfg(feature = "wgpu")]
+    Cube,
     /// Burn's tensor ops.
     Generic,
 }
@@ -66,14 +71,25 @@ impl<const D: usize> Inputs<D> {
         } else {
             FloatDType::F32
         };
-        // Every dtype here was checked before merging (float, not quantized).
-        let cast = |x: Tensor<D>| x.cast(compute);
+        // Every dtype here was checked before merging (float, not quantized). Inputs of the
+        // compute dtype are kept as they are (a cast may copy, and the combine could then no
+        // longer write over the first input).
+        let target = DType::from(compute);
+        let cast = |x: Tensor<D>| {
+            if x.dtype() == target {
+                x
+            } else {
+                x.cast(compute)
+            }
+        };
         let xs: Vec<Tensor<D>> = xs.into_iter().map(cast).collect();
         let base = base.map(cast);
-        let route = if compute == FloatDType::F32 && kernels::is_cpu(&device) {
+        let route = if compute != FloatDType::F32 {
+            Route::Generic
+        } else if kernels::is_cpu(&device) {
             Route::Cpu
         } else {
-            Route::Generic
+            device_route(&device, xs.len())
         };
         Self {
             xs,
@@ -96,22 +112,34 @@ impl<const D: usize> Inputs<D> {
     /// The first input as the result: an empty tensor, or an input returned as it is.
     pub(crate) fn into_first(self) -> Tensor<D> {
         let dtype = self.out_dtype;
-        self.xs
-            .into_iter()
-            .next()
-            .expect("at least one input")
-            .cast(dtype)
+        let first = self.xs.into_iter().next().expect("at least one input");
+        in_dtype(first, dtype)
     }
 
     /// The Gram matrix of each of `rows` equal rows (1: the whole tensor), of the inputs or of
     /// their differences from the base.
     pub(crate) fn gram(&self, rows: usize) -> Vec<Gram> {
+        if let Some(queued) = self.queue_gram(rows) {
+            let values: Vec<f32> = queued.into_data().iter::<f32>().collect();
+            return device_grams(self.k(), &values);
+        }
         if self.route == Route::Cpu
             && let Some(grams) = cpu_grams_of(&self.xs, self.base.as_ref(), rows)
         {
             return grams;
         }
         self.generic_gram(rows)
+    }
+
+    /// On a CubeCL device, the Gram pass queued and nothing read back: `[rows, w]` f32 that
+    /// [`device_grams`] decodes once read. `None` on every other route.
+    pub(crate) fn queue_gram(&self, rows: usize) -> Option<Tensor<2>> {
+        #[cfg(feature = "wgpu")]
+        if self.route == Route::Cube {
+            return Some(kernels::cubecl::gram(&self.xs, self.base.as_ref(), rows));
+        }
+        let _ = rows;
+        None
     }
 
     /// The Gram matrices with Burn's tensor ops and [`reduce`]'s reductions: one reduction per
@@ -178,7 +206,7 @@ impl<const D: usize> Inputs<D> {
         } = self;
         let k = xs.len();
         if xs[0].shape().num_elements() == 0 {
-            return xs.into_iter().next().expect("an input").cast(out_dtype);
+            return in_dtype(xs.into_iter().next().expect("an input"), out_dtype);
         }
         let out = match route {
             Route::Cpu => {
@@ -191,10 +219,62 @@ impl<const D: usize> Inputs<D> {
                 let rest: Vec<Tensor<D>> = xs.collect();
                 kernels::cpu::combine(first, &rest, base.as_ref(), &flat)
             }
+            #[cfg(feature = "wgpu")]
+            Route::Cube => {
+                let device = xs[0].device();
+                let rows = coefficients.len();
+                let mut padded = vec![0f32; rows * kernels::cubecl::WIDTH];
+                for (row, c) in padded
+                    .chunks_exact_mut(kernels::cubecl::WIDTH)
+                    .zip(coefficients)
+                {
+                    for (slot, v) in row.iter_mut().zip(c) {
+                        *slot = *v as f32;
+                    }
+                }
+                let table = Tensor::<2>::from_data(
+                    TensorData::new(padded, [rows, kernels::cubecl::WIDTH]),
+                    (&device, DType::F32),
+                );
+                kernels::cubecl::combine(xs, base, table, 0)
+            }
             Route::Generic => generic_combine(xs, base, coefficients, k),
         };
-        out.cast(out_dtype)
+        in_dtype(out, out_dtype)
     }
+}
+
+/// `x` in `dtype`: as it is when it already has it (a cast of a tensor to its own dtype is not
+/// free everywhere: under fusion it is one more op in the stream).
+pub(crate) fn in_dtype<const D: usize>(x: Tensor<D>, dtype: DType) -> Tensor<D> {
+    if x.dtype() == dtype { x } else { x.cast(dtype) }
+}
+
+/// The route of f32 inputs on a device other than the CPU backends': the CubeCL kernels for 2
+/// to 8 inputs on a wgpu device, Burn's tensor ops otherwise.
+fn device_route(device: &burn::tensor::Device, k: usize) -> Route {
+    #[cfg(feature = "wgpu")]
+    if kernels::is_cube(device) && (2..=kernels::cubecl::MAX_K).contains(&k) {
+        return Route::Cube;
+    }
+    let _ = (device, k);
+    Route::Generic
+}
+
+/// The Gram matrices of k inputs from the values of a queued Gram pass
+/// ([`Inputs::queue_gram`]), read back: one matrix per row. Its scaled sums need no trust check:
+/// they neither overflow nor underflow, and a NaN or an infinity shows as a non-finite matrix.
+#[cfg_attr(not(feature = "wgpu"), allow(unused_variables))]
+pub(crate) fn device_grams(k: usize, values: &[f32]) -> Vec<Gram> {
+    #[cfg(feature = "wgpu")]
+    {
+        values
+            .chunks_exact(k + kernels::cpu::packed(k))
+            .map(|row| Gram::from_upper(k, &kernels::cubecl::unscale(k, row)))
+            .collect()
+    }
+    #[cfg(not(feature = "wgpu"))]
+    unreachable!("nothing is queued without a CubeCL device")
 }
 
 /// The combination with Burn's tensor ops: scalars for one vector, `[rows, 1]` columns in the

@@ -339,7 +339,7 @@ pub(crate) fn interpolate<const D: usize>(
     let pair = Pair::new(a, b, choice);
     match prepare(&pair, config) {
         Some((prepared, summary)) => Interpolated::Done(apply(pair, prepared), summary),
-        None => Interpolated::NonFinite(pair.a.cast(pair.out_dtype)),
+        None => Interpolated::NonFinite(engine::in_dtype(pair.a, pair.out_dtype)),
     }
 }
 
@@ -365,7 +365,8 @@ impl<const D: usize> Pair<D> {
             };
         }
         let compute = compute_dtype(out_dtype).expect("checked before interpolating");
-        let (a, b) = (a.cast(compute), b.cast(compute));
+        let dtype = DType::from(compute);
+        let (a, b) = (engine::in_dtype(a, dtype), engine::in_dtype(b, dtype));
         // The one routing decision, on the tensors as they are computed.
         let route = match choice {
             KernelChoice::Fused => kernels::route(&a, &b),
@@ -421,23 +422,7 @@ pub(crate) fn prepare<const D: usize>(
     let route = pair.route;
     let stats = match route {
         #[cfg(feature = "wgpu")]
-        Route::Cube => {
-            let params = kernels::cubecl::DeviceParams {
-                t: config.t,
-                eps: config.eps,
-                dot_threshold: config.dot_threshold,
-                lerp_only: split.lerp_only,
-            };
-            let prepared = kernels::cubecl::prepare(a.clone(), b.clone(), rows, params);
-            let stats = DeviceStats {
-                prepared: prepared.clone(),
-                numel: n,
-                t: config.t,
-                per_row: split.per_row,
-            };
-            let prepared = Prepared::Device(Box::new(prepared));
-            return Some((prepared, Some(Summary::OnDevice(stats))));
-        }
+        Route::Cube => return Some(prepare_on_device(a, b, None, config)),
         Route::Cpu => match engine::cpu_grams(&[a.clone(), b.clone()], rows) {
             Some(grams) => grams.iter().map(Gram::pair).collect(),
             None => generic_stats(a, b, rows),
@@ -446,6 +431,58 @@ pub(crate) fn prepare<const D: usize>(
     };
     let (coeffs, summary) = finish(&stats, &dims, config)?;
     Some((Prepared::Host(coeffs), Some(Summary::Ready(summary))))
+}
+
+/// Whether SLERP of `a` and `b` (of their differences from `base`) is prepared on the device
+/// by the CubeCL kernels: f32 tensors on a wgpu device, with the default zero-norm rule (the
+/// only one the device kernels know; mergekit's takes the host's).
+pub(crate) fn on_device<const D: usize>(
+    a: &Tensor<D>,
+    b: &Tensor<D>,
+    base: Option<&Tensor<D>>,
+    config: &SlerpConfig,
+) -> bool {
+    #[cfg(feature = "wgpu")]
+    {
+        kernels::route(a, b) == Route::Cube
+            && base.is_none_or(|base| base.dtype() == burn::tensor::DType::F32)
+            && config.zero_norm == crate::config::ZeroNorm::Lerp
+    }
+    #[cfg(not(feature = "wgpu"))]
+    {
+        let _ = (a, b, base, config);
+        false
+    }
+}
+
+/// The statistics pass of a pair (of task vectors, with a base) on a CubeCL device, strictly
+/// between the endpoints and not empty: the statistics and coefficients queued, nothing read.
+#[cfg(feature = "wgpu")]
+pub(crate) fn prepare_on_device<const D: usize>(
+    a: &Tensor<D>,
+    b: &Tensor<D>,
+    base: Option<&Tensor<D>>,
+    config: &SlerpConfig,
+) -> (Prepared, Option<Summary>) {
+    let dims = a.dims();
+    let split = Split::of(&dims, config);
+    let params = kernels::cubecl::DeviceParams {
+        t: config.t,
+        eps: config.eps,
+        dot_threshold: config.dot_threshold,
+        lerp_only: split.lerp_only,
+    };
+    let prepared = kernels::cubecl::prepare(a.clone(), b.clone(), base, split.vectors, params);
+    let stats = DeviceStats {
+        prepared: prepared.clone(),
+        numel: dims.iter().product(),
+        t: config.t,
+        per_row: split.per_row,
+    };
+    (
+        Prepared::Device(Box::new(prepared)),
+        Some(Summary::OnDevice(stats)),
+    )
 }
 
 /// The number of vectors a tensor of `dims` is split into for `config`: its rows, or 1.
@@ -487,9 +524,9 @@ pub(crate) fn apply<const D: usize>(pair: Pair<D>, prepared: Prepared) -> Tensor
         out_dtype,
     } = pair;
     let out = match prepared {
-        Prepared::Empty => return a.cast(out_dtype),
+        Prepared::Empty => return engine::in_dtype(a, out_dtype),
         #[cfg(feature = "wgpu")]
-        Prepared::Device(prepared) => kernels::cubecl::apply(a, b, *prepared),
+        Prepared::Device(prepared) => kernels::cubecl::apply(a, b, None, *prepared),
         Prepared::Host(coeffs) if route == Route::Cpu => {
             let flat: Vec<f32> = coeffs
                 .iter()
@@ -502,7 +539,7 @@ pub(crate) fn apply<const D: usize>(pair: Pair<D>, prepared: Prepared) -> Tensor
             generic_combine(a, b, &coeffs, compute)
         }
     };
-    out.cast(out_dtype)
+    engine::in_dtype(out, out_dtype)
 }
 
 /// The merge at `t = 0` or `t = 1`: `a`, or `b` in `a`'s dtype, as they are (the formula
@@ -511,7 +548,7 @@ pub(crate) fn endpoint<const D: usize>(a: &Tensor<D>, b: &Tensor<D>, t: f64) -> 
     if t == 0.0 {
         Some(a.clone())
     } else if t == 1.0 {
-        Some(b.clone().cast(a.dtype()))
+        Some(engine::in_dtype(b.clone(), a.dtype()))
     } else {
         None
     }

@@ -59,6 +59,7 @@ macro_rules! device_suite {
                 karcher_of_fine_tunes_holds_the_bar,
                 task_vectors_hold_the_bar_near_their_base,
                 mean_fallbacks_and_errors,
+                mean_of_extreme_magnitudes_and_a_base,
                 mean_of_mixed_dtypes,
                 mean_methods_on_models,
             );

@@ -1,19 +1,29 @@
-//! Fused SLERP kernels for the CubeCL backend (wgpu, and with it CUDA, ROCm and Metal).
+//! The SLERP family's kernels for the CubeCL backend (wgpu, and with it CUDA, ROCm and Metal):
+//! one Gram pass and one combine pass over k = 2 to 8 inputs (k known when the kernel is
+//! compiled, one kernel per k), with an optional base whose differences are taken in
+//! registers. Two-input SLERP is the k = 2 case, with its coefficients computed on the device
+//! too, so a whole-model merge reads back one small buffer at its end instead of one per
+//! tensor:
 //!
-//! Everything stays on the device, coefficients included, so a whole-model merge reads back one
-//! small buffer at its end instead of one per tensor:
+//! 1. `gram_partials`: each unit streams a strided slice of one row of every input and keeps,
+//!    per input, the largest magnitude `mᵢ` seen so far and the sums `Σ(xₐ/mₐ)(x_b/m_b)` of
+//!    the upper triangle, rescaled when a magnitude grows (by `rₐ·r_b`, one product, so that
+//!    the order of the inputs does not change the rounding). No product can overflow or
+//!    underflow, whatever the values, and a NaN or an infinity poisons the sums, which is how
+//!    the host finds it.
+//! 2. `gram_fold`: groups of those tuples are combined the same way until one is left per row.
+//!    [`unscale`] turns a row, read back, into the Gram matrix in f64.
+//! 3. `coefficients` (two inputs): one unit per row turns its tuple into `(c0, c1)` and the
+//!    branch taken, with the formulas of the numerics contract evaluated in f32 (the sinc form,
+//!    the angle from `atan2`), and writes them next to the statistics: 8 f32 per row, which
+//!    [`decode`] reads on the host.
+//! 4. `combine`: `Σ cᵢ·xᵢ` or `base + Σ cᵢ·(xᵢ − base)`, reading the coefficients of its row
+//!    from an 8-wide buffer (the prepared one, or one the host wrote for the other methods),
+//!    over the first input where nothing else holds it.
 //!
-//! 1. `partials`: each unit streams a strided slice of one row of `a` and `b` and keeps
-//!    `(ma, Σ(a/ma)², mb, Σ(b/mb)², Σ(a/ma)(b/mb))`, where `ma`, `mb` are the largest magnitudes
-//!    seen so far (the sums are rescaled when they grow). No square can overflow, whatever the
-//!    values, and a NaN or an infinity poisons the sums, which is how the host finds it.
-//! 2. `fold`: groups of those 5-tuples are combined the same way until one is left per row.
-//! 3. `coefficients`: one unit per row turns its tuple into `(c0, c1)` and the branch taken, with
-//!    the formulas of the numerics contract evaluated in f32 (the sinc form, the angle from
-//!    `atan2`), and writes them next to the tuple: 8 f32 per row.
-//! 4. `combine`: `out = c0·a + c1·b`, reading the coefficients of its row from that buffer.
-//!
-//! The 8-value rows are what [`decode`] turns into statistics on the host.
+//! Burn's backend extensions take a fixed number of tensors, so the ops take eight inputs and
+//! a base; the slots past `k` hold handles of the second input, which the kernels never read
+//! (never of the first, whose buffer the combine may write over).
 
 use burn::backend::{Backend, backend_extension, tensor::FloatTensor};
 use burn::tensor::{DType, Shape, Tensor};
@@ -26,8 +36,15 @@ use burn_cubecl::{CubeBackend, cubecl::calculate_cube_count_elemwise};
 
 use crate::numerics::{ANTIPARALLEL_MARGIN, Branch, Coefficients, LerpReason, PairStats};
 
-/// Values per row of the prepared buffer: `ma, Σa'², mb, Σb'², Σa'b', c0, c1, branch`.
+/// Values per row of the prepared buffer: `ma, Σa'², mb, Σb'², Σa'b', c0, c1, branch`; also
+/// the width of a row of coefficients the combine reads.
 pub(crate) const WIDTH: usize = 8;
+/// Where `c0, c1` sit in a row of the prepared buffer.
+const COEFFICIENTS_AT: usize = 5;
+/// The most inputs one kernel takes.
+pub(crate) const MAX_K: usize = 8;
+/// The sums of the upper triangle of an 8 × 8 Gram matrix.
+const MAX_PACKED: usize = 36;
 /// Elements each unit of the `partials` kernel reads from each input, at most.
 const PER_UNIT: usize = 256;
 /// Tuples each unit of the `fold` kernel combines.
@@ -48,15 +65,36 @@ const METHOD: f32 = Branch::Lerp(LerpReason::Method).code() as f32;
 const ANTIPARALLEL_COS: f32 = -(1.0 - ANTIPARALLEL_MARGIN) as f32;
 
 #[backend_extension(Cube: cfg(feature = "wgpu"), Fusion: cfg(feature = "wgpu"))]
-pub(crate) trait SlerpDeviceKernels: Backend {
-    /// `[rows, 8]` f32: the scaled sums of each row and the coefficients computed from them.
-    /// `s = 1 − t` is rounded from f64 by the caller, so that swapping the inputs and `t` swaps
-    /// the coefficients exactly. `threshold` above 1 means none; `lerp_only` forces `(s, t)`.
+pub(crate) trait FamilyDeviceKernels: Backend {
+    /// The Gram pass over `rows` equal rows of the first `k` inputs (of their differences from
+    /// `base` with `has_base`): `[rows, k + k(k+1)/2]` f32, each row the inputs' largest
+    /// magnitudes `mᵢ` and the packed upper triangle of `Σ(xₐ/mₐ)(x_b/m_b)`. The inputs past
+    /// `k`, and `base` without `has_base`, are not read (callers pass handles of another input).
+    #[allow(clippy::too_many_arguments)]
+    #[fusion(dtype = burn::tensor::DType::F32, shape = burn::tensor::Shape::new([*rows, *k + *k * (*k + 1) / 2]))]
+    fn family_gram(
+        x0: FloatTensor<Self>,
+        x1: FloatTensor<Self>,
+        x2: FloatTensor<Self>,
+        x3: FloatTensor<Self>,
+        x4: FloatTensor<Self>,
+        x5: FloatTensor<Self>,
+        x6: FloatTensor<Self>,
+        x7: FloatTensor<Self>,
+        base: FloatTensor<Self>,
+        k: usize,
+        has_base: bool,
+        rows: usize,
+    ) -> FloatTensor<Self>;
+
+    /// `[rows, 8]` f32 from the Gram pass of two inputs: their statistics and the SLERP
+    /// coefficients computed from them (`ma, Σa'², mb, Σb'², Σa'b', c0, c1, branch`). `s = 1 − t`
+    /// is rounded from f64 by the caller, so that swapping the inputs and `t` swaps the
+    /// coefficients exactly. `threshold` above 1 means none; `lerp_only` forces `(s, t)`.
     #[allow(clippy::too_many_arguments)]
     #[fusion(dtype = burn::tensor::DType::F32, shape = burn::tensor::Shape::new([*rows, 8]))]
-    fn slerp_prepare(
-        a: FloatTensor<Self>,
-        b: FloatTensor<Self>,
+    fn slerp_coefficients(
+        gram: FloatTensor<Self>,
         rows: usize,
         t: f32,
         s: f32,
@@ -65,13 +103,25 @@ pub(crate) trait SlerpDeviceKernels: Backend {
         lerp_only: bool,
     ) -> FloatTensor<Self>;
 
-    /// `c0·a + c1·b` row by row, with the coefficients of `prepared`; written over `a` when
-    /// nothing else holds its buffer.
-    #[fusion(dtype = a, shape = a)]
-    fn slerp_apply(
-        a: FloatTensor<Self>,
-        b: FloatTensor<Self>,
-        prepared: FloatTensor<Self>,
+    /// `Σ cᵢ·xᵢ` (or `base + Σ cᵢ·(xᵢ − base)`) over the first `k` inputs, row by row, with
+    /// the coefficients at `offset` of each 8-wide row of `coefficients`; written over `x0`
+    /// when nothing else holds its buffer.
+    #[allow(clippy::too_many_arguments)]
+    #[fusion(dtype = x0, shape = x0)]
+    fn family_combine(
+        x0: FloatTensor<Self>,
+        x1: FloatTensor<Self>,
+        x2: FloatTensor<Self>,
+        x3: FloatTensor<Self>,
+        x4: FloatTensor<Self>,
+        x5: FloatTensor<Self>,
+        x6: FloatTensor<Self>,
+        x7: FloatTensor<Self>,
+        base: FloatTensor<Self>,
+        coefficients: FloatTensor<Self>,
+        k: usize,
+        has_base: bool,
+        offset: usize,
     ) -> FloatTensor<Self>;
 }
 
@@ -88,19 +138,111 @@ pub(crate) struct DeviceParams {
     pub(crate) lerp_only: bool,
 }
 
-/// Queues the statistics and coefficients of `rows` equal rows of two f32 tensors: a
-/// `[rows, 8]` tensor on the device, nothing read back.
+/// The inputs of a device op: the first `k ≤ 8` handed over as they are, the remaining slots
+/// (and the base, when there is none) filled with handles of the second input, which the
+/// kernels do not read (never of the first, whose buffer the combine may write over).
+fn slots<const D: usize>(
+    xs: Vec<Tensor<D>>,
+    base: Option<Tensor<D>>,
+) -> ([Tensor<D>; MAX_K], Tensor<D>) {
+    assert!((2..=MAX_K).contains(&xs.len()), "2 to 8 inputs");
+    let filler = xs[1].clone();
+    let base = base.unwrap_or_else(|| filler.clone());
+    let mut xs = xs.into_iter();
+    let slots = std::array::from_fn(|_| xs.next().unwrap_or_else(|| filler.clone()));
+    (slots, base)
+}
+
+/// Queues the Gram pass of `rows` equal rows of 2 to 8 f32 tensors (of their differences from
+/// `base`): `[rows, k + k(k+1)/2]`, nothing read back; [`unscale`] turns a row into the Gram
+/// matrix.
+pub(crate) fn gram<const D: usize>(
+    xs: &[Tensor<D>],
+    base: Option<&Tensor<D>>,
+    rows: usize,
+) -> Tensor<2> {
+    use burn::backend::Dispatch;
+    let k = xs.len();
+    let has_base = base.is_some();
+    let (x, base) = slots(xs.to_vec(), base.cloned());
+    let [x0, x1, x2, x3, x4, x5, x6, x7] = x.map(Tensor::into_dispatch);
+    let out = <Dispatch as FamilyDeviceKernels>::family_gram(
+        x0,
+        x1,
+        x2,
+        x3,
+        x4,
+        x5,
+        x6,
+        x7,
+        base.into_dispatch(),
+        k,
+        has_base,
+        rows,
+    );
+    Tensor::from_dispatch(out)
+}
+
+/// The packed upper triangle of the Gram matrix, in f64, from one row of the Gram pass of `k`
+/// inputs.
+pub(crate) fn unscale(k: usize, row: &[f32]) -> Vec<f64> {
+    let (m, sums) = row.split_at(k);
+    let mut packed = Vec::with_capacity(sums.len());
+    for a in 0..k {
+        for b in a..k {
+            let s = f64::from(sums[packed_index(k, a, b)]);
+            packed.push(f64::from(m[a]) * f64::from(m[b]) * s);
+        }
+    }
+    packed
+}
+
+/// Queues `Σ cᵢ·xᵢ` (or `base + Σ cᵢ·(xᵢ − base)`) of 2 to 8 f32 tensors, with the
+/// coefficients of each row at `offset` of an 8-wide row of `coefficients` (f32, on the
+/// inputs' device); written over the first input where nothing else holds it.
+pub(crate) fn combine<const D: usize>(
+    xs: Vec<Tensor<D>>,
+    base: Option<Tensor<D>>,
+    coefficients: Tensor<2>,
+    offset: usize,
+) -> Tensor<D> {
+    use burn::backend::Dispatch;
+    let k = xs.len();
+    let has_base = base.is_some();
+    let (x, base) = slots(xs, base);
+    let [x0, x1, x2, x3, x4, x5, x6, x7] = x.map(Tensor::into_dispatch);
+    let out = <Dispatch as FamilyDeviceKernels>::family_combine(
+        x0,
+        x1,
+        x2,
+        x3,
+        x4,
+        x5,
+        x6,
+        x7,
+        base.into_dispatch(),
+        coefficients.into_dispatch(),
+        k,
+        has_base,
+        offset,
+    );
+    Tensor::from_dispatch(out)
+}
+
+/// Queues the statistics and coefficients of `rows` equal rows of two f32 tensors (of their
+/// differences from `base`): a `[rows, 8]` tensor on the device, nothing read back.
 pub(crate) fn prepare<const D: usize>(
     a: Tensor<D>,
     b: Tensor<D>,
+    base: Option<&Tensor<D>>,
     rows: usize,
     params: DeviceParams,
 ) -> Tensor<2> {
     use burn::backend::Dispatch;
     let threshold = params.dot_threshold.map_or(2.0, |d| d as f32);
-    let out = <Dispatch as SlerpDeviceKernels>::slerp_prepare(
-        a.into_dispatch(),
-        b.into_dispatch(),
+    let gram = gram(&[a, b], base, rows);
+    let out = <Dispatch as FamilyDeviceKernels>::slerp_coefficients(
+        gram.into_dispatch(),
         rows,
         params.t as f32,
         (1.0 - params.t) as f32,
@@ -111,15 +253,25 @@ pub(crate) fn prepare<const D: usize>(
     Tensor::from_dispatch(out)
 }
 
-/// Queues `c0·a + c1·b` with the coefficients of `prepared`.
-pub(crate) fn apply<const D: usize>(a: Tensor<D>, b: Tensor<D>, prepared: Tensor<2>) -> Tensor<D> {
-    use burn::backend::Dispatch;
-    let out = <Dispatch as SlerpDeviceKernels>::slerp_apply(
-        a.into_dispatch(),
-        b.into_dispatch(),
-        prepared.into_dispatch(),
-    );
-    Tensor::from_dispatch(out)
+/// Queues `c0·a + c1·b` (or `base + c0·(a − base) + c1·(b − base)`) with the coefficients of
+/// `prepared`.
+pub(crate) fn apply<const D: usize>(
+    a: Tensor<D>,
+    b: Tensor<D>,
+    base: Option<Tensor<D>>,
+    prepared: Tensor<2>,
+) -> Tensor<D> {
+    combine(vec![a, b], base, prepared, COEFFICIENTS_AT)
+}
+
+/// The sums of the upper triangle of a `k × k` Gram matrix.
+const fn packed(k: usize) -> usize {
+    k * (k + 1) / 2
+}
+
+/// The place of `(a, b)`, `a ≤ b`, in the row-major upper triangle of a `k × k` matrix.
+const fn packed_index(k: usize, a: usize, b: usize) -> usize {
+    a * (2 * k - a + 1) / 2 + (b - a)
 }
 
 /// Decodes the rows of a prepared buffer read back to the host: the statistics in f64 and the
@@ -141,127 +293,250 @@ pub(crate) fn decode(values: &[f32]) -> Vec<(PairStats, Coefficients)> {
         .collect()
 }
 
-/// Folds one value `x` into a running `(scale, Σ(x/scale)²)`, returning the factor the older
-/// terms were multiplied by (1 when the scale did not grow).
+/// Loads element `at` of the first `k` inputs into `v`, less the base's element if there is
+/// one (the f32 difference of two close values is exact). `x0` is declared writable because
+/// the combine may write over it.
 #[cube]
-fn grow<F: Float>(scale: &mut F, sum: &mut F, magnitude: F) -> F {
-    let mut ratio = F::new(1.0);
-    if magnitude > *scale {
-        ratio = *scale / magnitude;
-        *sum *= ratio * ratio;
-        *scale = magnitude;
+#[allow(clippy::too_many_arguments)]
+fn load<F: Float>(
+    x0: &mut [F],
+    x1: &[F],
+    x2: &[F],
+    x3: &[F],
+    x4: &[F],
+    x5: &[F],
+    x6: &[F],
+    x7: &[F],
+    base: &[F],
+    v: &mut Array<F>,
+    at: usize,
+    #[comptime] k: usize,
+    #[comptime] has_base: bool,
+) {
+    v[0] = x0[at];
+    if comptime!(k > 1) {
+        v[1] = x1[at];
     }
-    ratio
+    if comptime!(k > 2) {
+        v[2] = x2[at];
+    }
+    if comptime!(k > 3) {
+        v[3] = x3[at];
+    }
+    if comptime!(k > 4) {
+        v[4] = x4[at];
+    }
+    if comptime!(k > 5) {
+        v[5] = x5[at];
+    }
+    if comptime!(k > 6) {
+        v[6] = x6[at];
+    }
+    if comptime!(k > 7) {
+        v[7] = x7[at];
+    }
+    if comptime!(has_base) {
+        let b = base[at];
+        #[unroll]
+        for i in 0..k {
+            v[i] -= b;
+        }
+    }
 }
 
-/// Stage 1: one unit per `(row, slot)`, reading elements `slot, slot + units, …` of its row.
+/// Multiplies each packed sum `s[(a, b)]` by `r[a]·r[b]` (one product, so that the order of
+/// the inputs does not change the rounding).
+#[cube]
+fn rescale<F: Float>(s: &mut Array<F>, r: &Array<F>, #[comptime] k: usize) {
+    #[unroll]
+    for a in 0..k {
+        #[unroll]
+        for b in a..k {
+            let p = comptime!(packed_index(k, a, b));
+            s[p] *= r[a] * r[b];
+        }
+    }
+}
+
+/// Stage 1 of the Gram pass: one unit per `(row, slot)`, reading elements `slot, slot + units,
+/// …` of its row of each of the `k` inputs (less the base). It keeps, per input, the largest
+/// magnitude `mᵢ` seen so far, and the sums `Σ(xₐ/mₐ)(x_b/m_b)` of the upper triangle, rescaled
+/// when a magnitude grows: no product can overflow or underflow, whatever the values, and a
+/// NaN or an infinity poisons the sums. It writes the `k` magnitudes, then the packed sums.
 #[cube(launch_unchecked)]
-fn partials_kernel<F: Float>(
-    a: &[F],
-    b: &[F],
+#[allow(clippy::too_many_arguments)]
+fn gram_partials_kernel<F: Float>(
+    x0: &mut [F],
+    x1: &[F],
+    x2: &[F],
+    x3: &[F],
+    x4: &[F],
+    x5: &[F],
+    x6: &[F],
+    x7: &[F],
+    base: &[F],
     out: &mut [F],
     cols: usize,
     units: usize,
     total: usize,
+    #[comptime] k: usize,
+    #[comptime] has_base: bool,
 ) {
     let id = ABSOLUTE_POS;
     if id >= total {
         terminate!();
     }
     let row = id / units;
-    let base = row * cols;
-    let mut ma = F::new(0.0);
-    let mut mb = F::new(0.0);
-    let mut aa = F::new(0.0);
-    let mut bb = F::new(0.0);
-    let mut ab = F::new(0.0);
-    let mut ia = F::new(0.0);
-    let mut ib = F::new(0.0);
+    let start = row * cols;
+    let mut m = Array::<F>::new(MAX_K);
+    let mut inv = Array::<F>::new(MAX_K);
+    let mut r = Array::<F>::new(MAX_K);
+    let mut v = Array::<F>::new(MAX_K);
+    let mut s = Array::<F>::new(MAX_PACKED);
+    #[unroll]
+    for a in 0..k {
+        m[a] = F::new(0.0);
+        inv[a] = F::new(0.0);
+    }
+    #[unroll]
+    for p in 0..comptime!(packed(k)) {
+        s[p] = F::new(0.0);
+    }
     let mut i = id % units;
     while i < cols {
-        let x = a[base + i];
-        let y = b[base + i];
-        let ax = x.abs();
-        let ay = y.abs();
-        if ax > ma || ay > mb {
-            let ra = grow::<F>(&mut ma, &mut aa, ax);
-            let rb = grow::<F>(&mut mb, &mut bb, ay);
-            // One product, so that swapping `a` and `b` rounds the same way.
-            ab *= ra * rb;
-            // 0 while a side is all zeros so far (its values are then 0 too).
-            if ma > F::new(0.0) {
-                ia = F::new(1.0) / ma;
-            }
-            if mb > F::new(0.0) {
-                ib = F::new(1.0) / mb;
+        load::<F>(
+            x0,
+            x1,
+            x2,
+            x3,
+            x4,
+            x5,
+            x6,
+            x7,
+            base,
+            &mut v,
+            start + i,
+            k,
+            has_base,
+        );
+        let mut grew = false;
+        #[unroll]
+        for a in 0..k {
+            let magnitude = v[a].abs();
+            r[a] = F::new(1.0);
+            if magnitude > m[a] {
+                r[a] = m[a] / magnitude;
+                m[a] = magnitude;
+                inv[a] = F::new(1.0) / magnitude;
+                grew = true;
             }
         }
-        let xs = x * ia;
-        let ys = y * ib;
-        aa += xs * xs;
-        bb += ys * ys;
-        ab += xs * ys;
+        if grew {
+            rescale::<F>(&mut s, &r, k);
+        }
+        #[unroll]
+        for a in 0..k {
+            v[a] *= inv[a];
+        }
+        #[unroll]
+        for a in 0..k {
+            #[unroll]
+            for b in a..k {
+                let p = comptime!(packed_index(k, a, b));
+                s[p] += v[a] * v[b];
+            }
+        }
         i += units;
     }
-    let o = id * 5;
-    out[o] = ma;
-    out[o + 1] = aa;
-    out[o + 2] = mb;
-    out[o + 3] = bb;
-    out[o + 4] = ab;
+    let o = id * comptime!(k + packed(k));
+    #[unroll]
+    for a in 0..k {
+        out[o + a] = m[a];
+    }
+    #[unroll]
+    for p in 0..comptime!(packed(k)) {
+        out[o + k + p] = s[p];
+    }
 }
 
-/// Stage 2: one unit per `(row, group)`, combining up to `fold` of the row's `parts` tuples.
+/// Stage 2 of the Gram pass: one unit per `(row, group)`, combining up to `fold` of the row's
+/// `parts` tuples the same way.
 #[cube(launch_unchecked)]
-fn fold_kernel<F: Float>(
+fn gram_fold_kernel<F: Float>(
     input: &[F],
     out: &mut [F],
     parts: usize,
     groups: usize,
     fold: usize,
     total: usize,
+    #[comptime] k: usize,
 ) {
     let id = ABSOLUTE_POS;
     if id >= total {
         terminate!();
     }
+    let width = comptime!(k + packed(k));
     let row = id / groups;
     let start = (id % groups) * fold;
     let mut end = start + fold;
     if end > parts {
         end = parts;
     }
-    let mut ma = F::new(0.0);
-    let mut mb = F::new(0.0);
-    let mut aa = F::new(0.0);
-    let mut bb = F::new(0.0);
-    let mut ab = F::new(0.0);
-    for j in start..end {
-        let p = (row * parts + j) * 5;
-        let pa = input[p];
-        let pb = input[p + 2];
-        let ra = grow::<F>(&mut ma, &mut aa, pa);
-        let rb = grow::<F>(&mut mb, &mut bb, pb);
-        ab *= ra * rb;
-        // Each tuple's own scale relative to the running one (0 while everything is zero).
-        let mut sa = F::new(0.0);
-        if ma > F::new(0.0) {
-            sa = pa / ma;
-        }
-        let mut sb = F::new(0.0);
-        if mb > F::new(0.0) {
-            sb = pb / mb;
-        }
-        aa += sa * sa * input[p + 1];
-        bb += sb * sb * input[p + 3];
-        ab += sa * sb * input[p + 4];
+    let mut m = Array::<F>::new(MAX_K);
+    let mut part = Array::<F>::new(MAX_K);
+    let mut r = Array::<F>::new(MAX_K);
+    let mut f = Array::<F>::new(MAX_K);
+    let mut s = Array::<F>::new(MAX_PACKED);
+    #[unroll]
+    for a in 0..k {
+        m[a] = F::new(0.0);
     }
-    let o = id * 5;
-    out[o] = ma;
-    out[o + 1] = aa;
-    out[o + 2] = mb;
-    out[o + 3] = bb;
-    out[o + 4] = ab;
+    #[unroll]
+    for p in 0..comptime!(packed(k)) {
+        s[p] = F::new(0.0);
+    }
+    for j in start..end {
+        let q = (row * parts + j) * width;
+        let mut grew = false;
+        #[unroll]
+        for a in 0..k {
+            part[a] = input[q + a];
+            r[a] = F::new(1.0);
+            if part[a] > m[a] {
+                r[a] = m[a] / part[a];
+                m[a] = part[a];
+                grew = true;
+            }
+        }
+        if grew {
+            rescale::<F>(&mut s, &r, k);
+        }
+        // Each tuple's own scale relative to the running one (0 while everything is zero).
+        #[unroll]
+        for a in 0..k {
+            f[a] = F::new(0.0);
+            if m[a] > F::new(0.0) {
+                f[a] = part[a] / m[a];
+            }
+        }
+        #[unroll]
+        for a in 0..k {
+            #[unroll]
+            for b in a..k {
+                let p = comptime!(packed_index(k, a, b));
+                s[p] += (f[a] * f[b]) * input[q + k + p];
+            }
+        }
+    }
+    let o = id * width;
+    #[unroll]
+    for a in 0..k {
+        out[o + a] = m[a];
+    }
+    #[unroll]
+    for p in 0..comptime!(packed(k)) {
+        out[o + k + p] = s[p];
+    }
 }
 
 /// `sin(x)` for `0 ≤ x ≤ π/2`: its Taylor series to `x¹⁵`, within an f32 rounding or two.
@@ -367,12 +642,13 @@ fn coefficients_kernel<F: Float>(
     if row >= rows {
         terminate!();
     }
+    // The Gram pass's tuple for two inputs: `ma, mb, Σa'², Σa'b', Σb'²`.
     let p = row * 5;
     let ma = input[p];
-    let aa = input[p + 1];
-    let mb = input[p + 2];
-    let bb = input[p + 3];
-    let ab = input[p + 4];
+    let mb = input[p + 1];
+    let aa = input[p + 2];
+    let ab = input[p + 3];
+    let bb = input[p + 4];
     let one = F::new(1.0);
     let two = F::new(2.0);
     let mut c0 = u;
@@ -417,26 +693,50 @@ fn coefficients_kernel<F: Float>(
     out[o + 7] = code;
 }
 
-/// Stage 4: `out = c0·a + c1·b`, one element per unit.
+/// The combine pass: `Σ cᵢ·xᵢ`, or `base + Σ cᵢ·(xᵢ − base)`, summed in input order, one
+/// element per unit, with the coefficients of its row at `offset` in an 8-wide row of
+/// `coefficients`; written over `x0` when `in_place` (nothing else holds it), into `out`
+/// otherwise.
 #[cube(launch_unchecked)]
-fn combine_kernel<F: Float>(a: &[F], b: &[F], prepared: &[F], out: &mut [F], cols: usize) {
+#[allow(clippy::too_many_arguments)]
+fn combine_kernel<F: Float>(
+    x0: &mut [F],
+    x1: &[F],
+    x2: &[F],
+    x3: &[F],
+    x4: &[F],
+    x5: &[F],
+    x6: &[F],
+    x7: &[F],
+    base: &[F],
+    coefficients: &[F],
+    out: &mut [F],
+    cols: usize,
+    offset: usize,
+    #[comptime] k: usize,
+    #[comptime] has_base: bool,
+    #[comptime] in_place: bool,
+) {
     let i = ABSOLUTE_POS;
-    if i >= out.len() {
+    if i >= x0.len() {
         terminate!();
     }
-    let o = (i / cols) * 8;
-    out[i] = prepared[o + 5] * a[i] + prepared[o + 6] * b[i];
-}
-
-/// Stage 4 written over `a`, which nothing else holds: the same expression, so the same bits.
-#[cube(launch_unchecked)]
-fn combine_in_place_kernel<F: Float>(a: &mut [F], b: &[F], prepared: &[F], cols: usize) {
-    let i = ABSOLUTE_POS;
-    if i >= a.len() {
-        terminate!();
+    let o = (i / cols) * WIDTH + offset;
+    let mut v = Array::<F>::new(MAX_K);
+    load::<F>(x0, x1, x2, x3, x4, x5, x6, x7, base, &mut v, i, k, has_base);
+    let mut acc = coefficients[o] * v[0];
+    #[unroll]
+    for a in 1..k {
+        acc += coefficients[o + a] * v[a];
     }
-    let o = (i / cols) * 8;
-    a[i] = prepared[o + 5] * a[i] + prepared[o + 6] * b[i];
+    if comptime!(has_base) {
+        acc = base[i] + acc;
+    }
+    if comptime!(in_place) {
+        x0[i] = acc;
+    } else {
+        out[i] = acc;
+    }
 }
 
 fn units_grid(tensor: &CubeTensor, units: usize) -> (CubeCount, CubeDim) {
@@ -451,49 +751,66 @@ fn empty(like: &CubeTensor, shape: Shape) -> CubeTensor {
     empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, DType::F32)
 }
 
-impl SlerpDeviceKernels for CubeBackend {
-    fn slerp_prepare(
-        a: FloatTensor<Self>,
-        b: FloatTensor<Self>,
+impl FamilyDeviceKernels for CubeBackend {
+    fn family_gram(
+        x0: FloatTensor<Self>,
+        x1: FloatTensor<Self>,
+        x2: FloatTensor<Self>,
+        x3: FloatTensor<Self>,
+        x4: FloatTensor<Self>,
+        x5: FloatTensor<Self>,
+        x6: FloatTensor<Self>,
+        x7: FloatTensor<Self>,
+        base: FloatTensor<Self>,
+        k: usize,
+        has_base: bool,
         rows: usize,
-        t: f32,
-        s: f32,
-        eps: f32,
-        threshold: f32,
-        lerp_only: bool,
     ) -> FloatTensor<Self> {
-        let (a, b) = (into_contiguous(a), into_contiguous(b));
-        let n = a.meta.shape().num_elements();
+        let [x0, x1, x2, x3, x4, x5, x6, x7, base] =
+            [x0, x1, x2, x3, x4, x5, x6, x7, base].map(into_contiguous);
+        let n = x0.meta.shape().num_elements();
         let cols = n / rows;
+        let width = k + packed(k);
         let mut parts = cols.div_ceil(PER_UNIT).max(1);
         let units = rows * parts;
-        let mut partial = empty(&a, Shape::new([units * 5]));
-        let (count, dim) = units_grid(&a, units);
-        // SAFETY: every index the kernel reads is below `rows · cols = n`, the length of `a` and
-        // `b`, and it writes `units · 5` values into a buffer of that length.
+        let mut partial = empty(&x0, Shape::new([units, width]));
+        let (count, dim) = units_grid(&x0, units);
+        let client = x0.client.clone();
+        // SAFETY: every index the kernel reads is below `rows · cols = n`, the length of the
+        // first `k` inputs and of the base it reads, and it writes `units · width` values into
+        // a buffer of that length.
         unsafe {
-            partials_kernel::launch_unchecked::<f32>(
-                &a.client,
+            gram_partials_kernel::launch_unchecked::<f32>(
+                &client,
                 count,
                 dim,
-                a.clone().into_buffer_arg(),
-                b.into_buffer_arg(),
+                x0.into_buffer_arg(),
+                x1.into_buffer_arg(),
+                x2.into_buffer_arg(),
+                x3.into_buffer_arg(),
+                x4.into_buffer_arg(),
+                x5.into_buffer_arg(),
+                x6.into_buffer_arg(),
+                x7.into_buffer_arg(),
+                base.into_buffer_arg(),
                 partial.clone().into_buffer_arg(),
                 cols,
                 parts,
                 units,
+                k,
+                has_base,
             );
         }
         while parts > 1 {
             let groups = parts.div_ceil(FOLD);
             let units = rows * groups;
-            let folded = empty(&a, Shape::new([units * 5]));
-            let (count, dim) = units_grid(&a, units);
+            let folded = empty(&partial, Shape::new([units, width]));
+            let (count, dim) = units_grid(&partial, units);
             // SAFETY: unit `(row, g)` reads tuples `g·FOLD .. min((g+1)·FOLD, parts)` of its row
             // (`rows · parts` tuples exist) and writes its own tuple.
             unsafe {
-                fold_kernel::launch_unchecked::<f32>(
-                    &a.client,
+                gram_fold_kernel::launch_unchecked::<f32>(
+                    &client,
                     count,
                     dim,
                     partial.into_buffer_arg(),
@@ -502,20 +819,34 @@ impl SlerpDeviceKernels for CubeBackend {
                     groups,
                     FOLD,
                     units,
+                    k,
                 );
             }
             partial = folded;
             parts = groups;
         }
-        let out = empty(&a, Shape::new([rows, WIDTH]));
-        let (count, dim) = units_grid(&a, rows);
+        partial
+    }
+
+    fn slerp_coefficients(
+        gram: FloatTensor<Self>,
+        rows: usize,
+        t: f32,
+        s: f32,
+        eps: f32,
+        threshold: f32,
+        lerp_only: bool,
+    ) -> FloatTensor<Self> {
+        let gram = into_contiguous(gram);
+        let out = empty(&gram, Shape::new([rows, WIDTH]));
+        let (count, dim) = units_grid(&gram, rows);
         // SAFETY: row `r` reads tuple `r` of `rows` and writes values `8r .. 8r + 8`.
         unsafe {
             coefficients_kernel::launch_unchecked::<f32>(
-                &a.client,
+                &gram.client,
                 count,
                 dim,
-                partial.into_buffer_arg(),
+                gram.clone().into_buffer_arg(),
                 out.clone().into_buffer_arg(),
                 rows,
                 t,
@@ -528,48 +859,88 @@ impl SlerpDeviceKernels for CubeBackend {
         out
     }
 
-    fn slerp_apply(
-        a: FloatTensor<Self>,
-        b: FloatTensor<Self>,
-        prepared: FloatTensor<Self>,
+    fn family_combine(
+        x0: FloatTensor<Self>,
+        x1: FloatTensor<Self>,
+        x2: FloatTensor<Self>,
+        x3: FloatTensor<Self>,
+        x4: FloatTensor<Self>,
+        x5: FloatTensor<Self>,
+        x6: FloatTensor<Self>,
+        x7: FloatTensor<Self>,
+        base: FloatTensor<Self>,
+        coefficients: FloatTensor<Self>,
+        k: usize,
+        has_base: bool,
+        offset: usize,
     ) -> FloatTensor<Self> {
-        let (a, b) = (into_contiguous(a), into_contiguous(b));
-        let shape = a.meta.shape().clone();
+        let [x0, x1, x2, x3, x4, x5, x6, x7, base, coefficients] =
+            [x0, x1, x2, x3, x4, x5, x6, x7, base, coefficients].map(into_contiguous);
+        let shape = x0.meta.shape().clone();
         let n = shape.num_elements();
-        let rows = prepared.meta.shape()[0];
-        let (count, dim) = units_grid(&a, n);
-        let client = a.client.clone();
+        let rows = coefficients.meta.shape()[0];
+        let (count, dim) = units_grid(&x0, n);
+        let client = x0.client.clone();
         // A buffer nothing else holds (under fusion: one the stream hands over read-write, as
-        // its last use) is written over.
-        if a.can_mut() {
-            // SAFETY: element `i < n` of `a` and `b`, and row `i / cols < rows` of `prepared`.
-            unsafe {
-                combine_in_place_kernel::launch_unchecked::<f32>(
-                    &client,
-                    count,
-                    dim,
-                    a.clone().into_buffer_arg(),
-                    b.into_buffer_arg(),
-                    into_contiguous(prepared).into_buffer_arg(),
-                    n / rows,
-                );
-            }
-            return a;
-        }
-        let out = empty(&a, shape);
-        // SAFETY: element `i < n` of `a`, `b` and `out`, and row `i / cols < rows` of `prepared`.
+        // its last use) is written over; the kernel then writes nothing into `out`.
+        let in_place = x0.can_mut();
+        let out = if in_place {
+            empty(&x0, Shape::new([1]))
+        } else {
+            empty(&x0, shape)
+        };
+        // SAFETY: element `i < n` of each input read, of `out` when it is written, and the
+        // values `8·(i / cols) + offset + j < 8·rows` of `coefficients`.
         unsafe {
             combine_kernel::launch_unchecked::<f32>(
                 &client,
                 count,
                 dim,
-                a.into_buffer_arg(),
-                b.into_buffer_arg(),
-                into_contiguous(prepared).into_buffer_arg(),
+                x0.clone().into_buffer_arg(),
+                x1.into_buffer_arg(),
+                x2.into_buffer_arg(),
+                x3.into_buffer_arg(),
+                x4.into_buffer_arg(),
+                x5.into_buffer_arg(),
+                x6.into_buffer_arg(),
+                x7.into_buffer_arg(),
+                base.into_buffer_arg(),
+                coefficients.into_buffer_arg(),
                 out.clone().into_buffer_arg(),
                 n / rows,
+                offset,
+                k,
+                has_base,
+                in_place,
             );
         }
-        out
+        if in_place { x0 } else { out }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_indices_run_through_the_upper_triangle_row_by_row() {
+        for k in 1..=MAX_K {
+            let mut next = 0;
+            for a in 0..k {
+                for b in a..k {
+                    assert_eq!(packed_index(k, a, b), next, "k = {k}, ({a}, {b})");
+                    next += 1;
+                }
+            }
+            assert_eq!(next, packed(k));
+        }
+        assert_eq!(packed(MAX_K), MAX_PACKED);
+    }
+
+    #[test]
+    fn unscale_multiplies_each_sum_by_both_scales() {
+        // Two inputs with largest magnitudes 2 and 0.5: G = [[4·s00, 1·s01], [·, 0.25·s11]].
+        let row = [2.0f32, 0.5, 3.0, -1.5, 8.0];
+        assert_eq!(unscale(2, &row), [12.0, -1.5, 2.0]);
     }
 }

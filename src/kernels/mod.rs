@@ -1,6 +1,7 @@
-//! The fused kernels, through Burn's backend-extension mechanism: [`cpu`] for flex and ndarray,
-//! [`cubecl`] for the CubeCL devices (wgpu, and with it CUDA, ROCm and Metal). They know tensors
-//! and the numerics contract, never modules or parameter paths.
+//! The fused kernels: [`cpu`] for flex and ndarray (on the backends' own primitives),
+//! [`cubecl`] for the CubeCL devices (wgpu, and with it CUDA, ROCm and Metal; through Burn's
+//! backend extensions). They know tensors and the numerics contract, never modules or
+//! parameter paths.
 //!
 //! [`route`] decides, once per pair and before anything is dispatched (the generated dispatch
 //! panics on a backend it does not list), which of them a pair of tensors takes.
@@ -34,6 +35,19 @@ pub(crate) fn is_cpu(device: &Device) -> bool {
         #[cfg(feature = "ndarray")]
         burn::backend::DispatchDevice::NdArray(_) => true,
         _ => false,
+    }
+}
+
+/// Whether the device is a CubeCL one (wgpu) without autodiff, where the [`cubecl`] kernels run.
+pub(crate) fn is_cube(device: &Device) -> bool {
+    #[cfg(feature = "wgpu")]
+    {
+        matches!(device.as_dispatch(), burn::backend::DispatchDevice::Cube(_))
+    }
+    #[cfg(not(feature = "wgpu"))]
+    {
+        let _ = device;
+        false
     }
 }
 
@@ -71,11 +85,8 @@ pub(crate) fn route<const D: usize>(a: &Tensor<D>, b: &Tensor<D>) -> Route {
         return Route::Cpu;
     }
     #[cfg(feature = "wgpu")]
-    {
-        use burn::backend::DispatchDevice;
-        if matches!(device.as_dispatch(), DispatchDevice::Cube(_)) {
-            return Route::Cube;
-        }
+    if is_cube(&device) {
+        return Route::Cube;
     }
     Route::Generic
 }

@@ -10,11 +10,12 @@ use super::walk::{
     Combine, Model, Stop, apply_pairs, check_structure, map_pairs, prepare_pairs, totals,
 };
 use crate::control::MergeControl;
-use crate::engine::Inputs;
+use crate::engine::{self, Inputs};
 use crate::error::MergeError;
 use crate::error::MergeIntoError;
 use crate::family::{Gram, KarcherOptions, Refusal, Rule, nuslerp_t};
 use crate::interpolate::{AutodiffState, Interpolated, TensorInfo, check_pair};
+use crate::kernels;
 use crate::numerics::Branch;
 use crate::schedule::{Resolver, Schedule, layer_positions};
 
@@ -25,8 +26,9 @@ use crate::schedule::{Resolver, Schedule, layer_positions};
 /// (`m ← exp_m(Σ wᵢ log_m(uᵢ) / Σ wᵢ)`); the result is `m` times the weighted mean of the
 /// norms. Every step is a combination of the `uᵢ`, so the whole iteration runs on N
 /// coefficients in f64 on the host, from the inputs' Gram matrix: one pass over the tensors
-/// for the Gram matrix, one pass writing `Σ cᵢ·xᵢ`, however many steps (fused on flex and
-/// ndarray for up to 8 models). Iteration stops when the step is shorter than the tolerance
+/// for the Gram matrix, one pass writing `Σ cᵢ·xᵢ`, however many steps (fused kernels on
+/// flex and ndarray, and on wgpu for up to 8 models, where a whole-model merge reads every
+/// tensor's Gram matrix back at once). Iteration stops when the step is shorter than the tolerance
 /// (default 1e-12 rad), when it stops shrinking, or after `max_steps`.
 /// [`with_method`](Self::with_method) picks another member of the family ([`MeanMethod`]).
 ///
@@ -127,8 +129,10 @@ impl SphericalMean {
     ///
     /// # Errors
     ///
-    /// [`MergeError::InvalidWeights`] when there are fewer than two weights, a weight is
-    /// negative or not finite, or they sum to 0.
+    /// [`MergeError::InvalidWeights`] when there are fewer than two weights, a weight is not
+    /// finite, or weights ≥ 0 sum to 0. Negative weights are for the methods that take them
+    /// ([`with_method`](Self::with_method)): merging checks the weights against the method,
+    /// and the default, the exact Karcher mean, refuses them.
     pub fn new(weights: Vec<f64>) -> Result<Self, MergeError> {
         let bad = |reason: String| Err(MergeError::InvalidWeights { reason });
         if weights.len() < 2 {
@@ -137,14 +141,10 @@ impl SphericalMean {
                 weights.len()
             ));
         }
-        if let Some((i, w)) = weights
-            .iter()
-            .enumerate()
-            .find(|(_, w)| !(w.is_finite() && **w >= 0.0))
-        {
-            return bad(format!("weight {i} is {w}; weights must be finite and ≥ 0"));
+        if let Some((i, w)) = weights.iter().enumerate().find(|(_, w)| !w.is_finite()) {
+            return bad(format!("weight {i} is {w}; weights must be finite"));
         }
-        if weights.iter().sum::<f64>() <= 0.0 {
+        if weights.iter().all(|w| *w >= 0.0) && weights.iter().sum::<f64>() <= 0.0 {
             return bad("the weights sum to 0".into());
         }
         Ok(Self {
@@ -160,7 +160,8 @@ impl SphericalMean {
     /// Gives model `model` (its index in the order models are given) a weight per parameter:
     /// the first rule of `schedule` whose glob matches a parameter's path (a tensor's name in
     /// a file) gives its weight there, a constant or a gradient over the layer stack as for
-    /// [`SlerpConfig`](crate::SlerpConfig)'s `t` (values finite and ≥ 0); the parameters no
+    /// [`SlerpConfig`](crate::SlerpConfig)'s `t` (finite values, checked against the method
+    /// as [`new`](Self::new)'s weights are, per parameter); the parameters no
     /// rule matches take the model's weight from [`new`](Self::new).
     ///
     /// ```
@@ -188,15 +189,41 @@ impl SphericalMean {
             let mut resolver = Resolver::weights(schedule, self.weights[*model])?;
             weights[*model] = resolver.resolve(path, position).t;
         }
-        if self.method != MeanMethod::Nuslerp
-            && !matches!(self.method, MeanMethod::MergekitKarcher { .. })
-            && weights.iter().sum::<f64>() <= 0.0
-        {
-            return Err(MergeError::InvalidWeights {
-                reason: format!("the weights of `{path}` sum to 0"),
-            });
-        }
+        self.check_weights(&weights, Some(path))?;
         Ok(weights)
+    }
+
+    /// The weights (the mean's, or those of the parameter `path`) against the method: the
+    /// exact Karcher mean takes weights ≥ 0 (a weighted Fréchet mean has no meaning for a
+    /// negative one); the linear mean and multislerp with normalised weights any whose sum is
+    /// not 0 (they divide by it); nuslerp, multislerp with raw weights and mergekit's karcher
+    /// (which ignores them) any finite weights, as mergekit takes them.
+    fn check_weights(&self, weights: &[f64], path: Option<&str>) -> Result<(), MergeError> {
+        let of = path.map_or(String::new(), |p| format!(" of `{p}`"));
+        let bad = |reason: String| Err(MergeError::InvalidWeights { reason });
+        let sum: f64 = weights.iter().sum();
+        match self.method {
+            MeanMethod::Karcher => {
+                if let Some((i, w)) = weights.iter().enumerate().find(|(_, w)| **w < 0.0) {
+                    return bad(format!(
+                        "weight {i}{of} is {w}; the exact Karcher mean takes weights ≥ 0 \
+                         (multislerp, nuslerp and the linear mean take negative ones)"
+                    ));
+                }
+                if sum <= 0.0 {
+                    return bad(format!("the weights{of} sum to 0"));
+                }
+            }
+            MeanMethod::Linear
+            | MeanMethod::Multislerp {
+                normalize_weights: true,
+                ..
+            } if sum == 0.0 => {
+                return bad(format!("the weights{of} sum to 0"));
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// The member of the family to compute ([`MeanMethod::Karcher`] by default).
@@ -245,6 +272,7 @@ impl SphericalMean {
         for (_, schedule) in &self.schedules {
             schedule.compile_weights()?;
         }
+        self.check_weights(&self.weights, None)?;
         if self.method == MeanMethod::Nuslerp && models != 2 {
             return Err(MergeError::InvalidWeights {
                 reason: format!("nuslerp merges exactly two models, got {models}"),
@@ -469,11 +497,25 @@ impl SphericalMean {
             base: base.is_some(),
             weights,
             cancelling: None,
+            queued: Vec::new(),
         };
+        // Statistics first for an owned model (nothing is written before every tensor is
+        // known to merge), and on CubeCL devices, where the Gram matrices of every tensor
+        // come back in one read.
+        let on_device = structure
+            .floats()
+            .any(|s| s.info.device.as_ref().is_some_and(kernels::is_cube));
         let mapped = match first {
-            Model::Borrowed(_) => map_pairs(first, others, combine, control, totals),
-            Model::Owned(_) => {
-                let prepass = prepare_pairs(first.get(), others, combine, control, totals);
+            Model::Borrowed(_) if !on_device => map_pairs(first, others, combine, control, totals),
+            _ => {
+                let mut prepass = prepare_pairs(first.get(), others, combine, control, totals);
+                if prepass.stop != Some(Stop::Cancelled)
+                    && let Err((path, refusal)) = self.resolve(combine, &mut prepass.prepared)
+                {
+                    // The tensors queued were all visited before any the pass stopped at.
+                    combine.refused(&path, refusal);
+                    prepass.stop = Some(Stop::NonFinite(path));
+                }
                 if let Some(stop) = prepass.stop.clone() {
                     return Err(give_back(combine.error(stop), first));
                 }
@@ -491,11 +533,69 @@ impl SphericalMean {
         Ok((mapped.module, stats))
     }
 
-    /// The rule of the family and the inputs that take part: those of weight > 0, or every
+    /// The coefficients of every tensor whose Gram pass was queued on a device
+    /// ([`MeanPlan::Queued`]), from one read per device, in the order the walk visited them;
+    /// the first tensor refused, with why, if one is.
+    fn resolve(
+        &self,
+        combine: &mut MeanCombine<'_>,
+        prepared: &mut HashMap<String, MeanPrepared>,
+    ) -> Result<(), (String, Refusal)> {
+        let order = std::mem::take(&mut combine.queued);
+        let mut queued: Vec<(String, Tensor<1>)> = Vec::new();
+        for path in &order {
+            if let Some(MeanPrepared {
+                plan: MeanPlan::Queued { gram, .. },
+                ..
+            }) = prepared.get(path)
+            {
+                let len = gram.shape().num_elements();
+                queued.push((path.clone(), (**gram).clone().reshape([len])));
+            }
+        }
+        let mut values: HashMap<String, Vec<f32>> = HashMap::new();
+        while let Some((_, first)) = queued.first() {
+            let device = first.device();
+            let (group, rest): (Vec<_>, Vec<_>) =
+                queued.into_iter().partition(|(_, g)| g.device() == device);
+            queued = rest;
+            let lens: Vec<usize> = group.iter().map(|(_, g)| g.dims()[0]).collect();
+            let (paths, grams): (Vec<String>, Vec<Tensor<1>>) = group.into_iter().unzip();
+            // The one host read per device.
+            let all: Vec<f32> = Tensor::cat(grams, 0).into_data().iter::<f32>().collect();
+            let mut offset = 0;
+            for (path, len) in paths.into_iter().zip(lens) {
+                values.insert(path, all[offset..offset + len].to_vec());
+                offset += len;
+            }
+        }
+        for path in order {
+            let Some(values) = values.get(&path) else {
+                continue;
+            };
+            let entry = prepared.get_mut(&path).expect("queued paths are prepared");
+            let MeanPlan::Queued { k, weights, .. } = &entry.plan else {
+                unreachable!("only queued plans are resolved");
+            };
+            let gram = &engine::device_grams(*k, values)[0];
+            match self.coefficients(gram, entry.stats.numel, weights) {
+                Ok((coefficients, stats)) => {
+                    *entry = MeanPrepared {
+                        plan: MeanPlan::Host(coefficients),
+                        stats,
+                    };
+                }
+                Err(refusal) => return Err((path, refusal)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The rule of the family and the inputs that take part: those of weight ≠ 0, or every
     /// input for mergekit's `karcher`, which weighs them equally.
     fn rule(&self, weights: &[f64]) -> (Rule, Vec<usize>) {
         let all: Vec<usize> = (0..weights.len()).collect();
-        let weighted: Vec<usize> = all.iter().copied().filter(|i| weights[*i] > 0.0).collect();
+        let weighted: Vec<usize> = all.iter().copied().filter(|i| weights[*i] != 0.0).collect();
         match self.method {
             MeanMethod::Karcher => (
                 Rule::Karcher(KarcherOptions {
@@ -528,7 +628,7 @@ impl SphericalMean {
         }
     }
 
-    /// The inputs that take part, by index: those of weight > 0, or every input for
+    /// The inputs that take part, by index: those of weight ≠ 0, or every input for
     /// mergekit's `karcher`, which weighs them equally.
     pub(crate) fn taking(&self, weights: &[f64]) -> Vec<usize> {
         self.rule(weights).1
@@ -581,24 +681,52 @@ impl SphericalMean {
         weights: &[f64],
     ) -> Result<MeanPrepared, Refusal> {
         let numel = inputs.numel();
+        let stats = MeanStats {
+            path: String::new(),
+            numel,
+            branch: Branch::Slerp,
+            steps: 0,
+            residual: 0.0,
+        };
         if numel == 0 {
-            let stats = MeanStats {
-                path: String::new(),
-                numel,
-                branch: Branch::Slerp,
-                steps: 0,
-                residual: 0.0,
-            };
             return Ok(MeanPrepared {
-                coefficients: None,
+                plan: MeanPlan::Empty,
                 stats,
             });
         }
         let (coefficients, stats) = self.coefficients(&inputs.gram(1)[0], numel, weights)?;
         Ok(MeanPrepared {
-            coefficients: Some(coefficients),
+            plan: MeanPlan::Host(coefficients),
             stats,
         })
+    }
+
+    /// [`prepare`](Self::prepare) where the Gram pass can be queued on the device, to be read
+    /// with every other tensor's by [`resolve`](Self::resolve).
+    fn queue<const D: usize>(
+        &self,
+        inputs: &Inputs<D>,
+        weights: &[f64],
+    ) -> Result<MeanPrepared, Refusal> {
+        let numel = inputs.numel();
+        match inputs.queue_gram(1) {
+            Some(gram) if numel > 0 => Ok(MeanPrepared {
+                plan: MeanPlan::Queued {
+                    gram: Box::new(gram),
+                    k: inputs.k(),
+                    weights: weights.to_vec(),
+                },
+                // Replaced by what the coefficients give once the Gram matrix is read.
+                stats: MeanStats {
+                    path: String::new(),
+                    numel,
+                    branch: Branch::Slerp,
+                    steps: 0,
+                    residual: 0.0,
+                },
+            }),
+            _ => self.prepare(inputs, weights),
+        }
     }
 
     /// The mean of tensors known to match, without autodiff.
@@ -616,16 +744,31 @@ impl SphericalMean {
 
 /// What the statistics pass of a mean leaves for its write pass.
 struct MeanPrepared {
-    /// One per input that takes part; `None` for an empty tensor.
-    coefficients: Option<Vec<f64>>,
+    plan: MeanPlan,
     stats: MeanStats,
+}
+
+/// How the write pass of a mean makes its tensor.
+enum MeanPlan {
+    /// An empty tensor: the first input as it is.
+    Empty,
+    /// One coefficient per input that takes part.
+    Host(Vec<f64>),
+    /// The Gram pass of the `k` inputs that take part, queued on a CubeCL device and not read
+    /// yet, with the weights the coefficients need.
+    Queued {
+        gram: Box<Tensor<2>>,
+        k: usize,
+        weights: Vec<f64>,
+    },
 }
 
 impl MeanPrepared {
     fn apply<const D: usize>(self, inputs: Inputs<D>) -> (Tensor<D>, MeanStats) {
-        let out = match self.coefficients {
-            Some(c) => inputs.combine(&[c]),
-            None => inputs.into_first(),
+        let out = match self.plan {
+            MeanPlan::Host(c) => inputs.combine(&[c]),
+            MeanPlan::Empty => inputs.into_first(),
+            MeanPlan::Queued { .. } => unreachable!("queued plans are resolved before writing"),
         };
         (out, self.stats)
     }
@@ -641,6 +784,8 @@ struct MeanCombine<'a> {
     /// The parameter whose weighted directions cancelled ([`Refusal::Cancelling`]): the walk
     /// stops there as at a non-finite one, and the error names it.
     cancelling: Option<String>,
+    /// The paths whose Gram pass is queued on a device, in the order the walk visited them.
+    queued: Vec<String>,
 }
 
 impl MeanCombine<'_> {
@@ -687,9 +832,14 @@ impl Combine for MeanCombine<'_> {
         let weights = &self.weights[path];
         match self
             .mean
-            .prepare(&self.mean.inputs(all, base, weights), weights)
+            .queue(&self.mean.inputs(all, base, weights), weights)
         {
-            Ok(prepared) => Some((prepared, None)),
+            Ok(prepared) => {
+                if matches!(prepared.plan, MeanPlan::Queued { .. }) {
+                    self.queued.push(path.to_string());
+                }
+                Some((prepared, None))
+            }
             Err(refusal) => {
                 self.refused(path, refusal);
                 None
@@ -748,12 +898,34 @@ mod tests {
         );
         assert_eq!(mean.weights_at("head.w", 0.0).unwrap(), [1.0, 2.0, 0.5]);
         assert_eq!(mean.weights_at("embed", 0.0).unwrap(), [1.0, 2.0, 3.0]);
-        // Weights are not bounded by 1, but are ≥ 0 and finite.
-        let bad = mean
+        // Weights are not bounded by 1; a negative one is refused by the exact Karcher mean,
+        // by name, and taken by multislerp.
+        let negative = mean
             .clone()
             .with_weight_schedule(0, Schedule::new().with_rule("**", (-1.0).into()));
+        assert!(negative.validate(3).is_ok());
+        match negative.weights_at("embed", 0.0) {
+            Err(MergeError::InvalidWeights { reason }) => {
+                assert!(
+                    reason.contains("`embed`") && reason.contains("Karcher"),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let multislerp = negative.with_method(MeanMethod::Multislerp {
+            normalize_weights: true,
+            eps: 1e-8,
+        });
+        assert_eq!(
+            multislerp.weights_at("embed", 0.0).unwrap(),
+            [-1.0, 2.0, 3.0]
+        );
+        let nan = mean
+            .clone()
+            .with_weight_schedule(0, Schedule::new().with_rule("**", f64::NAN.into()));
         assert!(matches!(
-            bad.validate(3),
+            nan.validate(3),
             Err(MergeError::InvalidSchedule { .. })
         ));
         assert!(matches!(

@@ -4,44 +4,15 @@
 //! from the differences, computed in registers (no task vector is materialised, and none is
 //! derived from the raw Gram matrix, which cancels five or six digits for fine-tunes close to
 //! their base), and one pass writes `base + c0·(a − base) + c1·(b − base)`. On CubeCL devices
-//! the task vectors are computed as tensors and merged by the pair kernels.
+//! the same two passes run on the device, the coefficients included, and nothing is read back
+//! until the end of the merge.
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 
 use crate::config::SlerpConfig;
 use crate::engine::Inputs;
-use crate::interpolate::{
-    Interpolated, KernelChoice, Pair, Prepared, Summary, apply, compute_dtype, endpoint, finish,
-    prepare, vectors,
-};
+use crate::interpolate::{Interpolated, Prepared, Summary, endpoint, finish, vectors};
 use crate::numerics::PairStats;
-
-/// Whether task vectors on this device take the engine (every device but the CubeCL ones,
-/// whose pair kernels keep the coefficients on the device).
-fn on_engine(device: &Device) -> bool {
-    #[cfg(feature = "wgpu")]
-    {
-        !matches!(device.as_dispatch(), burn::backend::DispatchDevice::Cube(_))
-    }
-    #[cfg(not(feature = "wgpu"))]
-    {
-        let _ = device;
-        true
-    }
-}
-
-/// `base`, `a − base` and `b − base` in the compute dtype (f32, f64 for f64 tensors).
-fn task_vectors<const D: usize>(
-    base: Tensor<D>,
-    a: Tensor<D>,
-    b: Tensor<D>,
-) -> (Tensor<D>, Tensor<D>, Tensor<D>) {
-    let compute = compute_dtype(a.dtype()).expect("checked before merging");
-    let base = base.cast(compute);
-    let da = a.cast(compute).sub(base.clone());
-    let db = b.cast(compute).sub(base.clone());
-    (base, da, db)
-}
 
 /// `base + slerp(a − base, b − base)`, computed in f32 (f64 for f64 tensors) and returned in
 /// `a`'s dtype; `t = 0` and `t = 1` return `a` and `b` themselves.
@@ -71,14 +42,16 @@ pub(crate) fn prepare_task_vectors<const D: usize>(
     b: Tensor<D>,
     config: &SlerpConfig,
 ) -> Option<(Prepared, Option<Summary>)> {
-    if !on_engine(&a.device()) {
-        let (_, da, db) = task_vectors(base, a, b);
-        return prepare(&Pair::new(da, db, KernelChoice::Fused), config);
-    }
     let dims = a.dims();
     let n: usize = dims.iter().product();
     if n == 0 {
         return Some((Prepared::Empty, None));
+    }
+    #[cfg(feature = "wgpu")]
+    if crate::interpolate::on_device(&a, &b, Some(&base), config) {
+        let (prepared, summary) =
+            crate::interpolate::prepare_on_device(&a, &b, Some(&base), config);
+        return Some((prepared, summary));
     }
     let rows = vectors(&dims, config);
     let inputs = Inputs::new(vec![a, b], Some(base));
@@ -96,18 +69,14 @@ pub(crate) fn apply_task_vectors<const D: usize>(
     b: Tensor<D>,
     prepared: Prepared,
 ) -> Tensor<D> {
-    let dtype = a.dtype();
     match prepared {
         Prepared::Empty => a,
-        Prepared::Host(coeffs) if on_engine(&a.device()) => {
+        Prepared::Host(coeffs) => {
             let per_row: Vec<Vec<f64>> = coeffs.iter().map(|c| vec![c.c0, c.c1]).collect();
             Inputs::new(vec![a, b], Some(base)).combine(&per_row)
         }
-        prepared => {
-            let (base, da, db) = task_vectors(base, a, b);
-            let out = apply(Pair::new(da, db, KernelChoice::Fused), prepared);
-            base.add(out).cast(dtype)
-        }
+        #[cfg(feature = "wgpu")]
+        Prepared::Device(prepared) => crate::kernels::cubecl::apply(a, b, Some(base), *prepared),
     }
 }
 

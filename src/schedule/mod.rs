@@ -89,9 +89,10 @@ impl Schedule {
         self.compile_for(|v| (0.0..=1.0).contains(&v), "t", "a number in [0, 1]")
     }
 
-    /// [`compile`](Self::compile) for a schedule of weights: values finite and ≥ 0.
+    /// [`compile`](Self::compile) for a schedule of weights: finite values (the mean checks
+    /// them against its method).
     pub(crate) fn compile_weights(&self) -> Result<Vec<Glob>, MergeError> {
-        self.compile_for(|v| v >= 0.0, "weight", "a number ≥ 0")
+        self.compile_for(|_| true, "weight", "a finite number")
     }
 
     fn compile_for(
@@ -187,7 +188,7 @@ impl<'a> Resolver<'a> {
         })
     }
 
-    /// [`new`](Self::new) for a schedule of weights (values ≥ 0, not bounded by 1).
+    /// [`new`](Self::new) for a schedule of weights (finite values, not bounded by 1).
     pub(crate) fn weights(schedule: &'a Schedule, default: f64) -> Result<Self, MergeError> {
         let globs = schedule.compile_weights()?;
         Ok(Self {

@@ -387,6 +387,28 @@ pub fn mean_fallbacks_and_errors(device: &Device) {
         matches!(err, MergeError::CancellingDirections { .. }),
         "{err}"
     );
+    // Negative weights: multislerp and nuslerp take them as mergekit does (nuslerp's
+    // t = w₂/(w₁ + w₂) = 1.5 extrapolates); the exact Karcher mean refuses them by name.
+    let y = normal(&mut rng, n);
+    let y64 = f64s(&y);
+    let pair = [x.clone(), y.clone()];
+    let w = vec![-0.5, 1.5];
+    let got = mean_of(device, &pair, &ms(w.clone()));
+    let want = multislerp64(&[x64.clone(), y64.clone()], &w, true, 1e-8);
+    assert!(rel_l2(&got, &want) <= 1e-6);
+    let nu = SphericalMean::new(w.clone())
+        .unwrap()
+        .with_method(MeanMethod::Nuslerp);
+    let want = nuslerp64(&x64, &y64, 1.5);
+    assert!(rel_l2(&mean_of(device, &pair, &nu), &want) <= 1e-6);
+    let err = SphericalMean::new(w)
+        .unwrap()
+        .mean(vec![tensor(x.clone(), [n], device), tensor(y, [n], device)])
+        .unwrap_err();
+    assert!(
+        matches!(&err, MergeError::InvalidWeights { reason } if reason.contains("Karcher")),
+        "{err}"
+    );
     // nuslerp takes exactly two models.
     let err = SphericalMean::new(vec![1.0, 1.0, 1.0])
         .unwrap()
@@ -394,6 +416,61 @@ pub fn mean_fallbacks_and_errors(device: &Device) {
         .mean(vec![tensor(x.clone(), [n], device); 3])
         .unwrap_err();
     assert!(matches!(err, MergeError::InvalidWeights { .. }), "{err}");
+}
+
+/// Inputs at 1e-30 and 1e25 (whose squares leave f32's range), and three fine-tunes of a base
+/// merged as task vectors: each method against its formula in f64.
+pub fn mean_of_extreme_magnitudes_and_a_base(device: &Device) {
+    let n = 50_000;
+    let mut rng = ChaCha8Rng::seed_from_u64(75);
+    let raw: Vec<Vec<f32>> = (0..3).map(|_| normal(&mut rng, n)).collect();
+    let w = vec![0.5, 1.0, 2.0];
+    let multislerp = MeanMethod::Multislerp {
+        normalize_weights: true,
+        eps: 0.0,
+    };
+    for scale in [1e-30f32, 1e25] {
+        let xs: Vec<Vec<f32>> = raw
+            .iter()
+            .map(|x| x.iter().map(|v| v * scale).collect())
+            .collect();
+        let x64: Vec<Vec<f64>> = xs.iter().map(|x| f64s(x)).collect();
+        for (name, method, want) in [
+            ("karcher", MeanMethod::Karcher, karcher64(&x64, &w, None)),
+            ("multislerp", multislerp, multislerp64(&x64, &w, true, 0.0)),
+        ] {
+            // Norms of 2e-28 are not zero here.
+            let mean = SphericalMean::new(w.clone())
+                .unwrap()
+                .with_eps(0.0)
+                .with_method(method);
+            let err = rel_l2(&mean_of(device, &xs, &mean), &want);
+            assert!(err <= 1e-6, "{name} at {scale:e}: relative error {err:e}");
+        }
+    }
+    // Three fine-tunes 0.5% off their base: the task vectors' Karcher mean and multislerp.
+    let base = normal(&mut rng, n);
+    let xs: Vec<Vec<f32>> = raw
+        .iter()
+        .map(|d| base.iter().zip(d).map(|(b, d)| b + 5e-3 * d).collect())
+        .collect();
+    let b64 = f64s(&base);
+    let tv: Vec<Vec<f64>> = xs
+        .iter()
+        .map(|x| f64s(x).iter().zip(&b64).map(|(x, b)| x - b).collect())
+        .collect();
+    let flat = |v: &[f32]| tensor(v.to_vec(), [n], device);
+    for (name, method, want) in [
+        ("karcher", MeanMethod::Karcher, karcher64(&tv, &w, None)),
+        ("multislerp", multislerp, multislerp64(&tv, &w, true, 0.0)),
+    ] {
+        let mean = SphericalMean::new(w.clone()).unwrap().with_method(method);
+        let (out, _) = mean
+            .mean_with_base(flat(&base), xs.iter().map(|x| flat(x)).collect())
+            .unwrap();
+        let what = format!("{name} of three task vectors");
+        assert_task_vector_bar(&values(out), &b64, &want, &what);
+    }
 }
 
 /// Inputs of mixed float dtypes are widened to one compute dtype: the mean of an f32 and a
