@@ -436,23 +436,16 @@ pub(crate) fn prepare<const D: usize>(
 /// Whether SLERP of `a` and `b` (of their differences from `base`) is prepared on the device
 /// by the CubeCL kernels: f32 tensors on a wgpu device, with the default zero-norm rule (the
 /// only one the device kernels know; mergekit's takes the host's).
+#[cfg(feature = "wgpu")]
 pub(crate) fn on_device<const D: usize>(
     a: &Tensor<D>,
     b: &Tensor<D>,
     base: Option<&Tensor<D>>,
     config: &SlerpConfig,
 ) -> bool {
-    #[cfg(feature = "wgpu")]
-    {
-        kernels::route(a, b) == Route::Cube
-            && base.is_none_or(|base| base.dtype() == burn::tensor::DType::F32)
-            && config.zero_norm == crate::config::ZeroNorm::Lerp
-    }
-    #[cfg(not(feature = "wgpu"))]
-    {
-        let _ = (a, b, base, config);
-        false
-    }
+    kernels::route(a, b) == Route::Cube
+        && base.is_none_or(|base| base.dtype() == DType::F32)
+        && config.zero_norm == crate::config::ZeroNorm::Lerp
 }
 
 /// The statistics pass of a pair (of task vectors, with a base) on a CubeCL device, strictly
