@@ -369,3 +369,240 @@ fn refused_recipes_say_what_instead() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("is ignored, as mergekit ignores it"));
     assert!(dir.join("out/model.safetensors").exists());
 }
+
+/// mergekit reads an empty list as no value: `t: []` (or an entry whose value is `[]`) falls
+/// through to the next level. The results equal those of the same recipe with the value the
+/// fall-through reaches written directly.
+#[test]
+fn empty_lists_fall_through_as_in_mergekit() {
+    let dir = scratch("empty");
+    model(&dir, "a", 0, "LlamaForCausalLM", None);
+    model(&dir, "b", 5, "LlamaForCausalLM", None);
+    let slices = "slices:\n  - sources:\n      - model: ./a\n        layer_range: [0, 4]\n      - model: ./b\n        layer_range: [0, 4]\n";
+    let head = "base_model: ./a\nmerge_method: slerp\n";
+    let recipes = [
+        // The reference: the top level's 0.25 everywhere.
+        (
+            "direct.yml",
+            format!("{slices}{head}parameters:\n  t: 0.25\n"),
+        ),
+        // The slice's empty list falls through to the top level.
+        (
+            "slice.yml",
+            format!(
+                "{}    parameters:\n      t: []\n{head}parameters:\n  t: 0.25\n",
+                slices
+            ),
+        ),
+        // An entry with an empty value is skipped; the next entry matches.
+        (
+            "entry.yml",
+            format!(
+                "{slices}{head}parameters:\n  t:\n    - filter: mlp\n      value: []\n    - value: 0.25\n"
+            ),
+        ),
+    ];
+    for (file, text) in &recipes {
+        std::fs::write(dir.join(file), text).unwrap();
+        let out = format!("out-{}", file.trim_end_matches(".yml"));
+        succeeds(&dir, &["yaml", file, &out, "--quiet"]);
+    }
+    let want = read(&dir.join("out-direct/model.safetensors"));
+    for (file, _) in &recipes[1..] {
+        let stem = file.trim_end_matches(".yml");
+        let got = read(&dir.join(format!("out-{stem}/model.safetensors")));
+        assert_eq!(got, want, "{file}");
+    }
+    // With nothing left to fall through to, the tensor is named.
+    std::fs::write(
+        dir.join("none.yml"),
+        format!("{slices}{head}parameters:\n  t: []\n"),
+    )
+    .unwrap();
+    assert!(fails(&dir, &["yaml", "none.yml", "out-none"]).contains("missing t for"));
+}
+
+/// A recipe is refused for its method before its keys, and a tensor Burn has no type for (fp8)
+/// is an error naming it, with nothing written.
+#[test]
+fn methods_before_keys_and_unknown_dtypes_by_name() {
+    let dir = scratch("method-first");
+    model(&dir, "a", 0, "LlamaForCausalLM", None);
+    model(&dir, "b", 5, "LlamaForCausalLM", None);
+    std::fs::write(
+        dir.join("karcher.yml"),
+        "models:\n  - model: ./a\n  - model: ./b\nmerge_method: ties\nparameters:\n  density: 0.5\n  max_iter: 3\n",
+    )
+    .unwrap();
+    let e = fails(&dir, &["yaml", "karcher.yml", "out"]);
+    assert!(e.contains("merge_method `ties`"), "{e}");
+    assert!(!e.contains("unknown field"), "{e}");
+    // An fp8 tensor in B (safetensors `F8_E4M3`).
+    let path = dir.join("fp8");
+    std::fs::create_dir_all(&path).unwrap();
+    let data: Vec<(String, Vec<u8>, Dtype)> = names()
+        .into_iter()
+        .map(|n| {
+            if n == "model.norm.weight" {
+                (n, vec![0x38u8; 24], Dtype::F8_E4M3)
+            } else {
+                let b = tensor(5, &n)
+                    .iter()
+                    .flat_map(|x| (*x as f32).to_le_bytes())
+                    .collect();
+                (n, b, Dtype::F32)
+            }
+        })
+        .collect();
+    let views = data
+        .iter()
+        .map(|(n, b, d)| (n.clone(), TensorView::new(*d, vec![4, 6], b).unwrap()));
+    safetensors::serialize_to_file(views, None, &path.join("model.safetensors")).unwrap();
+    std::fs::copy(dir.join("b/config.json"), path.join("config.json")).unwrap();
+    std::fs::write(
+        dir.join("fp8.yml"),
+        "models:\n  - model: ./a\n  - model: ./fp8\nbase_model: ./a\nmerge_method: slerp\nparameters:\n  t: 0.5\n",
+    )
+    .unwrap();
+    let e = fails(&dir, &["yaml", "fp8.yml", "out"]);
+    assert!(e.contains("model.norm.weight"), "{e}");
+    assert!(!dir.join("out").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty());
+}
+
+/// A YAML value of the recipe fuzz: scalars, lists and maps of the keys recipes use (and
+/// some they do not), nested a few levels.
+fn fuzz_value(depth: u32) -> proptest::prelude::BoxedStrategy<String> {
+    use proptest::prelude::*;
+    let scalar = prop_oneof![
+        Just("0.5".to_string()),
+        Just("-1".to_string()),
+        Just("1e400".to_string()),
+        Just(".nan".to_string()),
+        Just("true".to_string()),
+        Just("slerp".to_string()),
+        Just("karcher".to_string()),
+        Just("A".to_string()),
+        Just("B".to_string()),
+        Just("./missing".to_string()),
+        Just("A+B".to_string()),
+        Just("''".to_string()),
+        Just("null".to_string()),
+        Just("[]".to_string()),
+        Just("{}".to_string()),
+        Just("[0, 4]".to_string()),
+        Just("[4, 0]".to_string()),
+        Just("[0, 1, 2]".to_string()),
+        Just("[0.0, 0.5, 1.0]".to_string()),
+        Just("bfloat16".to_string()),
+        Just("float8".to_string()),
+    ];
+    if depth == 0 {
+        return scalar.boxed();
+    }
+    let keys = prop::sample::select(vec![
+        "merge_method",
+        "base_model",
+        "models",
+        "slices",
+        "sources",
+        "model",
+        "layer_range",
+        "parameters",
+        "t",
+        "filter",
+        "value",
+        "weight",
+        "dtype",
+        "out_dtype",
+        "tokenizer_source",
+        "name",
+        "max_iter",
+        "zzz",
+    ]);
+    prop_oneof![
+        2 => scalar,
+        1 => prop::collection::vec(fuzz_value(depth - 1), 0..3)
+            .prop_map(|items| format!("[{}]", items.join(", "))),
+        2 => prop::collection::vec((keys, fuzz_value(depth - 1)), 0..4).prop_map(|pairs| {
+            let body: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            format!("{{{}}}", body.join(", "))
+        }),
+    ]
+    .boxed()
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 1000,
+        failure_persistence: None,
+        ..proptest::prelude::ProptestConfig::default()
+    })]
+
+    /// Recipe text of random keys, values and nesting (around a valid skeleton, so that deep
+    /// checks are reached too) gives a plan or an error, never a panic.
+    #[test]
+    fn recipes_never_panic(
+        method in proptest::sample::select(vec!["slerp", "slerp", "slerp", "karcher", "ties", ""]),
+        t in proptest::prop_oneof![
+            3 => fuzz_value(2),
+            1 => proptest::sample::select(vec![
+                "[]".to_string(),
+                "[{filter: mlp, value: []}]".to_string(),
+                "[{filter: mlp, value: [0.1, 2]}, {value: []}]".to_string(),
+                "[{value: 0.5}, {filter: 7}]".to_string(),
+            ]),
+        ],
+        ranges in (fuzz_value(0), fuzz_value(0)),
+        models in fuzz_value(3),
+        extra in (proptest::sample::select(vec!["dtype", "out_dtype", "tokenizer_source", "zzz"]), fuzz_value(1)),
+        whole in fuzz_value(3),
+        shape in 0u8..5,
+    ) {
+        let dir = fuzz_models();
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        let text = match shape {
+            0 => format!(
+                "merge_method: {method}\nbase_model: A\nmodels: [{{model: A}}, {{model: B}}]\n\
+                 parameters: {{t: {t}}}\n"
+            ),
+            3 => format!(
+                "merge_method: slerp\nbase_model: A\nmodels: [{{model: A}}, {{model: B}}]\n\
+                 parameters: {{t: 0.5}}\n{}: {}\n",
+                extra.0, extra.1
+            ),
+            1 => format!(
+                "merge_method: {method}\nbase_model: A\nslices: [{{sources: [{{model: A, \
+                 layer_range: {}}}, {{model: B, layer_range: {}}}], parameters: {{t: {t}}}}}]\n\
+                 parameters: {{t: 0.5}}\n",
+                ranges.0, ranges.1
+            ),
+            2 => format!("merge_method: {method}\nbase_model: A\nmodels: {models}\nparameters: {{t: {t}}}\n"),
+            _ => whole,
+        };
+        let text = text
+            .replace("A+B", &format!("{}+{}", a.display(), b.display()))
+            .replace('A', &a.display().to_string())
+            .replace('B', &b.display().to_string());
+        let recipe = dir.join(format!("r{}.yml", std::process::id()));
+        std::fs::write(&recipe, &text).unwrap();
+        let _ = burn_slerp::checkpoint::plan_yaml(&recipe, false);
+    }
+}
+
+/// Two small model folders for the recipe fuzz, written once.
+fn fuzz_models() -> &'static Path {
+    static DIR: std::sync::OnceLock<Scratch> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = scratch("fuzz");
+        model(&dir, "a", 0, "LlamaForCausalLM", None);
+        model(&dir, "b", 5, "LlamaForCausalLM", None);
+        dir
+    })
+    .as_ref()
+}

@@ -95,6 +95,59 @@ fn unsupported(name: &str, a: &str, b: &str, why: &str) -> CheckpointError {
     }
 }
 
+/// How the tensors of one name in two checkpoints make an output tensor.
+pub(super) enum Pair {
+    /// Both floats: merged (A's dtype given).
+    Merge(DType),
+    /// Both of one other dtype Burn has (integers, booleans, quantized): copied from A.
+    Copy,
+}
+
+/// The one dtype check of a pair of tensors named `name` (A's `ea`, B's `eb`): an error naming
+/// the tensor for a dtype Burn does not have (fp8, …) and for mixed kinds.
+pub(super) fn pair(name: &str, ea: &Entry, eb: &Entry) -> Result<Pair, CheckpointError> {
+    let (Some(da), Some(db)) = (ea.dtype, eb.dtype) else {
+        return Err(unsupported(
+            name,
+            &ea.label,
+            &eb.label,
+            "Burn has no such type",
+        ));
+    };
+    if is_float(da) && is_float(db) {
+        Ok(Pair::Merge(da))
+    } else if da == db && !is_float(da) {
+        Ok(Pair::Copy)
+    } else {
+        Err(unsupported(
+            name,
+            &ea.label,
+            &eb.label,
+            "a float is merged only with a float, and other dtypes only with the same dtype",
+        ))
+    }
+}
+
+/// That the output format can hold every tensor's dtype (safetensors has no quantized types).
+pub(super) fn check_output_dtypes(
+    tensors: &[OutputTensor],
+    output: Format,
+) -> Result<(), CheckpointError> {
+    if output != Format::Burnpack {
+        for tensor in tensors {
+            if to_safetensors(tensor.dtype).is_none() {
+                return Err(unsupported(
+                    &tensor.name,
+                    &label(tensor.dtype),
+                    "-",
+                    "safetensors has no such dtype (write a `.bpk` file instead)",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Pairs A's and B's tensors and checks every pair, in A's order; `options.cancel` is looked at
 /// before each tensor.
 pub(super) fn plan(
@@ -179,15 +232,7 @@ pub(super) fn plan(
                 hint,
             });
         }
-        let (Some(da), Some(db)) = (ea.dtype, eb.dtype) else {
-            return Err(unsupported(
-                name,
-                &ea.label,
-                &eb.label,
-                "Burn has no such type",
-            ));
-        };
-        let tensor = if is_float(da) && is_float(db) {
+        let tensor = if let Pair::Merge(da) = pair(name, ea, eb)? {
             let assignment = resolver.resolve(name, positions[name.as_str()]);
             let dtype = options.out_dtype.map_or(da, OutDType::dtype);
             if dtype == DType::F64 && !options.device.supports_dtype(DType::F64) {
@@ -209,15 +254,8 @@ pub(super) fn plan(
                 shard: ea.shard,
                 byte_len: ea.shape.iter().product::<usize>() * dtype.size(),
             }
-        } else if da == db && !is_float(da) {
-            copy(ea, Origin::CopyA, ea.shard, index)?
         } else {
-            return Err(unsupported(
-                name,
-                &ea.label,
-                &eb.label,
-                "a float is merged only with a float, and other dtypes only with the same dtype",
-            ));
+            copy(ea, Origin::CopyA, ea.shard, index)?
         };
         tensors.push(tensor);
     }
@@ -227,18 +265,7 @@ pub(super) fn plan(
             tensors.push(copy(eb, Origin::CopyB, last_shard, tensors.len())?);
         }
     }
-    if output != Format::Burnpack {
-        for tensor in &tensors {
-            if to_safetensors(tensor.dtype).is_none() {
-                return Err(unsupported(
-                    &tensor.name,
-                    &label(tensor.dtype),
-                    "-",
-                    "safetensors has no such dtype (write a `.bpk` file instead)",
-                ));
-            }
-        }
-    }
+    check_output_dtypes(&tensors, output)?;
     let warnings = resolver.unused("tensor");
     Ok(Plan { tensors, warnings })
 }

@@ -151,6 +151,8 @@ fn resolve(name: &str, pos: f64, levels: &[(String, Option<&Parameters>)]) -> Op
         };
         match t {
             TValue::Number(v) => return found(*v, "a number".into()),
+            // An empty list is no value, as mergekit reads it: the next level decides.
+            TValue::Gradient(values) if values.is_empty() => {}
             TValue::Gradient(values) => return found(gradient(values, pos), "a gradient".into()),
             TValue::Entries(entries) => {
                 for (k, entry) in entries.iter().enumerate() {
@@ -158,7 +160,9 @@ fn resolve(name: &str, pos: f64, levels: &[(String, Option<&Parameters>)]) -> Op
                         None | Some("*") => true,
                         Some(filter) => name.contains(filter),
                     };
-                    if matches {
+                    // An entry whose value is an empty list gives no value either.
+                    let empty = matches!(&entry.value, EntryValue::Gradient(v) if v.is_empty());
+                    if matches && !empty {
                         let what = match &entry.filter {
                             Some(f) => format!("entry {k} (filter \"{f}\")"),
                             None => format!("entry {k} (no filter)"),
@@ -309,21 +313,41 @@ pub fn plan_yaml(recipe: &Path, exact: bool) -> Result<YamlPlan, CheckpointError
         path: recipe.to_path_buf(),
         source,
     })?;
-    let parsed: Recipe = serde_saphyr::from_str(&text).map_err(|e| CheckpointError::Format {
+    let format = |e: serde_saphyr::Error| CheckpointError::Format {
         path: recipe.to_path_buf(),
         message: format!("not a recipe this reader knows: {e}"),
-    })?;
+    };
+    // The method first: a recipe for another method is refused for that, not for a key of its
+    // own this reader does not know.
+    let method: MethodOnly = serde_saphyr::from_str(&text).map_err(format)?;
+    match method.merge_method.as_deref() {
+        Some("slerp") => {}
+        Some(other) => return Err(unsupported_method(other)),
+        None => return Err(refused("the recipe has no `merge_method`".into())),
+    }
+    let parsed: Recipe = serde_saphyr::from_str(&text).map_err(format)?;
     resolve_recipe(parsed, exact)
+}
+
+/// The one key read before the others.
+#[derive(Debug, Deserialize)]
+struct MethodOnly {
+    #[serde(default)]
+    merge_method: Option<String>,
+}
+
+fn unsupported_method(method: &str) -> CheckpointError {
+    refused(format!(
+        "merge_method `{method}` is not supported: only `slerp` is (for a weighted spherical mean \
+         of N models use `burn-slerp mean --method karcher|mergekit-karcher|multislerp|nuslerp`; \
+         for task-vector SLERP, `burn-slerp merge --base`)"
+    ))
 }
 
 /// The recipe against its models, opened here.
 fn resolve_recipe(recipe: Recipe, exact: bool) -> Result<YamlPlan, CheckpointError> {
     if recipe.merge_method != "slerp" {
-        return Err(refused(format!(
-            "merge_method `{}` is not supported: only `slerp` is (for a weighted spherical mean of N \
-             models use `burn-slerp mean`; for task-vector SLERP, `burn-slerp merge --base`)",
-            recipe.merge_method
-        )));
+        return Err(unsupported_method(&recipe.merge_method));
     }
     if recipe.modules.is_some() {
         return Err(refused(
@@ -627,12 +651,8 @@ fn resolve_recipe(recipe: Recipe, exact: bool) -> Result<YamlPlan, CheckpointErr
                 hint: String::new(),
             });
         }
-        if t.t.is_some() && !eb.dtype.is_some_and(is_float) {
-            return Err(refused(format!(
-                "`{}` is a float tensor in A, not in B",
-                t.sources.1
-            )));
-        }
+        // The checks of every file merge: dtypes Burn has, floats with floats.
+        super::plan::pair(&t.name, ea, eb)?;
     }
     let identity = layers.len() == la && layers.iter().enumerate().all(|(i, l)| i == *l);
     Ok(YamlPlan {
@@ -701,10 +721,23 @@ pub fn yaml_files(
     let mut renames = HashMap::new();
     let mut tensors = Vec::with_capacity(plan.tensors.len());
     for (index, t) in plan.tensors.iter().enumerate() {
-        let entry = a.entry(&t.sources.0).expect("A's name");
-        let dtype = match (t.t, plan.out_dtype) {
-            (Some(_), Some(out)) => out,
-            _ => entry.dtype.expect("a dtype Burn has"),
+        let entry = a
+            .entry(&t.sources.0)
+            .ok_or_else(|| CheckpointError::Pairing {
+                missing_in_b: vec![],
+                missing_in_a: vec![t.sources.0.clone()],
+            })?;
+        let dtype = match (t.t, plan.out_dtype, entry.dtype) {
+            (Some(_), Some(out), _) => out,
+            (_, _, Some(dtype)) => dtype,
+            (_, _, None) => {
+                return Err(CheckpointError::DType {
+                    name: t.name.clone(),
+                    a: entry.label.clone(),
+                    b: "-".into(),
+                    why: "Burn has no such type".into(),
+                });
+            }
         };
         let numel: usize = entry.shape.iter().product();
         if t.sources.0 != t.name || t.sources.1 != t.name {
@@ -728,6 +761,7 @@ pub fn yaml_files(
             byte_len: numel * dtype.size(),
         });
     }
+    super::plan::check_output_dtypes(&tensors, output)?;
     let names = vec![plan.models.0.clone(), plan.models.1.clone()];
     let job = write::Job {
         inputs: (a, b, None),
