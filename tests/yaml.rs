@@ -564,8 +564,11 @@ proptest::proptest! {
         whole in fuzz_value(3),
         shape in 0u8..5,
     ) {
-        let dir = fuzz_models();
-        let (a, b) = (dir.join("a"), dir.join("b"));
+        let dir = scratch("fuzz");
+        let (a, b) = (
+            model(&dir, "a", 0, "LlamaForCausalLM", None),
+            model(&dir, "b", 5, "LlamaForCausalLM", None),
+        );
         let text = match shape {
             0 => format!(
                 "merge_method: {method}\nbase_model: A\nmodels: [{{model: A}}, {{model: B}}]\n\
@@ -595,14 +598,150 @@ proptest::proptest! {
     }
 }
 
-/// Two small model folders for the recipe fuzz, written once.
-fn fuzz_models() -> &'static Path {
-    static DIR: std::sync::OnceLock<Scratch> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = scratch("fuzz");
-        model(&dir, "a", 0, "LlamaForCausalLM", None);
-        model(&dir, "b", 5, "LlamaForCausalLM", None);
-        dir
-    })
-    .as_ref()
+/// Relative L2 distance of `got` from `want`.
+fn rel(got: &[f64], want: &[f64]) -> f64 {
+    let d: f64 = got.iter().zip(want).map(|(g, w)| (g - w).powi(2)).sum();
+    let n: f64 = want.iter().map(|w| w * w).sum();
+    (d / n).sqrt()
+}
+
+/// The layer position of a test tensor, as mergekit gives it for a `models:` recipe: the layer
+/// index over `LAYERS − 1`, 0 outside the layers.
+fn position(name: &str) -> f64 {
+    name.split('.')
+        .find_map(|p| p.parse::<usize>().ok())
+        .map_or(0.0, |i| i as f64 / (LAYERS - 1) as f64)
+}
+
+/// `nuslerp`, `multislerp` and `karcher` recipes, with per-model weights given as numbers,
+/// gradients and filter lists, against mergekit's formulas in f64 written in the test, weights
+/// worked out by hand per tensor.
+#[test]
+fn slerp_family_recipes_match_their_formulas() {
+    use common::family::{karcher64, multislerp64, nuslerp64};
+    let dir = scratch("family");
+    model(&dir, "base", 0, "LlamaForCausalLM", None);
+    model(&dir, "a", 5, "LlamaForCausalLM", None);
+    model(&dir, "b", 9, "LlamaForCausalLM", None);
+    // multislerp with a base: a's weight a gradient 1 → 3 over the layers, b's 2 on the MLPs
+    // and 0.5 elsewhere.
+    std::fs::write(
+        dir.join("multi.yml"),
+        "models:\n  - model: ./a\n    parameters:\n      weight: [1.0, 3.0]\n  - model: ./b\n    parameters:\n      weight:\n        - filter: mlp\n          value: 2.0\n        - value: 0.5\n  - model: ./base\nbase_model: ./base\nmerge_method: multislerp\n",
+    )
+    .unwrap();
+    succeeds(&dir, &["yaml", "multi.yml", "out-multi", "--quiet"]);
+    let got = read(&dir.join("out-multi/model.safetensors"));
+    assert_eq!(got.len(), names().len());
+    for name in names() {
+        let pos = position(&name);
+        let w = [
+            1.0 + 2.0 * pos,
+            if name.contains("mlp") { 2.0 } else { 0.5 },
+        ];
+        let base = tensor(0, &name);
+        let tv: Vec<Vec<f64>> = [5, 9]
+            .iter()
+            .map(|s| {
+                tensor(*s, &name)
+                    .iter()
+                    .zip(&base)
+                    .map(|(x, b)| x - b)
+                    .collect()
+            })
+            .collect();
+        let mean = multislerp64(&tv, &w, true, 1e-8);
+        let want: Vec<f64> = base.iter().zip(&mean).map(|(b, d)| b + d).collect();
+        let err = rel(&got[&name], &want);
+        assert!(err <= 1e-6, "multislerp {name}: {err:e}");
+    }
+    // nuslerp without a base: t = w_b/(w_a + w_b) = 3/4, the weights from the top level and
+    // from b's own parameters.
+    std::fs::write(
+        dir.join("nu.yml"),
+        "models:\n  - model: ./a\n  - model: ./b\n    parameters:\n      weight: 3\nmerge_method: nuslerp\nparameters:\n  weight: 1\n",
+    )
+    .unwrap();
+    succeeds(&dir, &["yaml", "nu.yml", "out-nu", "--quiet"]);
+    let got = read(&dir.join("out-nu/model.safetensors"));
+    for name in names() {
+        let want = nuslerp64(&tensor(5, &name), &tensor(9, &name), 0.75);
+        let err = rel(&got[&name], &want);
+        assert!(err <= 1e-6, "nuslerp {name}: {err:e}");
+    }
+    // karcher: the base joins as one more input of equal weight; mergekit's 10 steps and
+    // tolerance 1e-5 by default, `--exact` the Karcher mean to convergence. A weight is ignored,
+    // with a warning.
+    std::fs::write(
+        dir.join("karcher.yml"),
+        "models:\n  - model: ./a\n  - model: ./b\nbase_model: ./base\nmerge_method: karcher\nparameters:\n  weight: 0.3\n  max_iter: 4\n",
+    )
+    .unwrap();
+    let o = succeeds(&dir, &["yaml", "karcher.yml", "out-karcher"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("`weight` is ignored by karcher"));
+    succeeds(
+        &dir,
+        &["yaml", "karcher.yml", "out-exact", "--exact", "--quiet"],
+    );
+    let (got, exact) = (
+        read(&dir.join("out-karcher/model.safetensors")),
+        read(&dir.join("out-exact/model.safetensors")),
+    );
+    for name in names() {
+        let xs: Vec<Vec<f64>> = [5, 9, 0].iter().map(|s| tensor(*s, &name)).collect();
+        let err = rel(&got[&name], &karcher64(&xs, &[1.0; 3], Some((4, 1e-5))));
+        assert!(err <= 1e-6, "karcher {name}: {err:e}");
+        let err = rel(&exact[&name], &karcher64(&xs, &[1.0; 3], None));
+        assert!(err <= 1e-6, "exact karcher {name}: {err:e}");
+    }
+}
+
+/// What the family recipes refuse, by name.
+#[test]
+fn slerp_family_refusals_name_what_is_wrong() {
+    let dir = scratch("family-refused");
+    for (folder, seed) in [("base", 0), ("a", 5), ("b", 9), ("c", 11)] {
+        model(&dir, folder, seed, "LlamaForCausalLM", None);
+    }
+    let cases = [
+        (
+            "models:\n  - model: ./a\n  - model: ./b\n  - model: ./c\nmerge_method: nuslerp\nparameters:\n  weight: 1\n",
+            "exactly two models",
+        ),
+        (
+            "models:\n  - model: ./a\n    parameters:\n      weight: 1\n  - model: ./b\n    parameters:\n      weight:\n        - filter: mlp\n          value: 1\nmerge_method: multislerp\n",
+            "missing weight for model `./b` at `lm_head.weight`",
+        ),
+        (
+            "models:\n  - model: ./a\n  - model: ./b\nmerge_method: nuslerp\nparameters:\n  weight: 1\n  nuslerp_flatten: false\n",
+            "nuslerp_flatten: false",
+        ),
+        (
+            "models:\n  - model: ./a\n  - model: ./b\nmerge_method: nuslerp\nparameters:\n  weight: 1\n  nuslerp_row_wise: true\n",
+            "nuslerp_row_wise: true",
+        ),
+        (
+            "models:\n  - model: ./a\n  - model: ./b\nmerge_method: multislerp\nparameters:\n  weight: 1\n  eps: [0.0, 1.0e-3]\n",
+            "`eps` is",
+        ),
+        (
+            "slices:\n  - sources:\n      - model: ./a\n        layer_range: [0, 4]\n      - model: ./b\n        layer_range: [0, 4]\nmerge_method: karcher\n",
+            "`slices:` with merge_method `karcher`",
+        ),
+        (
+            "models:\n  - model: ./a\nmerge_method: multislerp\nparameters:\n  weight: 1\n",
+            "copy the model",
+        ),
+        (
+            "models:\n  - model: ./a\n    parameters:\n      weight: 1\n  - model: ./b\n    parameters:\n      weight: -1\nmerge_method: multislerp\n",
+            "sum to 0",
+        ),
+    ];
+    for (i, (text, expect)) in cases.iter().enumerate() {
+        let file = format!("r{i}.yml");
+        std::fs::write(dir.join(&file), text).unwrap();
+        let e = fails(&dir, &["yaml", &file, "out"]);
+        assert!(e.contains(expect), "case {i}: {e}");
+        assert!(!dir.join("out").exists());
+    }
 }

@@ -27,8 +27,9 @@ use std::process::ExitCode;
 use burn::config::Config;
 use burn::tensor::Device;
 use burn_slerp::checkpoint::{
-    CheckpointError, FileMerge, OutDType, Pairing, Progress, TokenizerSource, compare_files,
-    inspect, mean_files, merge_files, plan_files, plan_mean_files, plan_yaml, shapes, yaml_files,
+    CheckpointError, FileMerge, OutDType, Pairing, Progress, TokenizerSource, YamlResult,
+    compare_files, inspect, mean_files, merge_files, plan_files, plan_mean_files, plan_yaml,
+    shapes, yaml_files,
 };
 use burn_slerp::{Granularity, MeanMethod, SlerpConfig, SphericalMean};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -459,16 +460,26 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
             if let Some(bar) = &bar {
                 bar.finish_and_clear();
             }
-            let result = result?;
+            let (json, done) = match result? {
+                YamlResult::Slerp(report) => (
+                    report.to_json(),
+                    format!(
+                        "merged {} tensors ({} parameters)",
+                        report.summary.tensors, report.summary.params
+                    ),
+                ),
+                YamlResult::Mean(stats) => (
+                    serde_json::to_string_pretty(&stats).expect("statistics serialise") + "\n",
+                    format!("averaged {} tensors", stats.len()),
+                ),
+            };
             if let Some(path) = report {
-                std::fs::write(&path, result.to_json())
+                std::fs::write(&path, json)
                     .map_err(|e| Failure(format!("{}: {e}", path.display()), 1))?;
             }
             if !quiet {
                 note!(
-                    "merged {} tensors ({} parameters) into {} in {:.2} s",
-                    result.summary.tensors,
-                    result.summary.params,
+                    "{done} into {} in {:.2} s",
                     output.display(),
                     started.elapsed().as_secs_f64()
                 );

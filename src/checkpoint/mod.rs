@@ -21,6 +21,7 @@ mod plan;
 mod read;
 mod write;
 mod yaml;
+mod yaml_family;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -37,7 +38,7 @@ pub use options::{FileMerge, OutDType, Pairing, Progress, TokenizerSource};
 pub use plan::output_format;
 use plan::{Origin, OutputTensor, Plan, is_float};
 pub use read::{Checkpoint, Format};
-pub use yaml::{YamlPlan, YamlTensor, plan_yaml, yaml_files};
+pub use yaml::{YamlPlan, YamlResult, YamlTensor, plan_yaml, yaml_files};
 
 /// Opens both inputs and checks the output path: nothing written yet.
 fn open_pair(

@@ -18,7 +18,9 @@ use super::options::{FileMerge, OutDType, Progress, TokenizerSource};
 use super::plan::{Origin, OutputTensor, is_float};
 use super::read::Checkpoint;
 use super::write;
+use super::yaml_family::{Family, Method, resolve_family};
 use crate::config::{Granularity, SlerpConfig, ZeroNorm};
+use crate::module::mean::MeanStats;
 use crate::report::MergeReport;
 use crate::schedule::Assignment;
 
@@ -26,22 +28,22 @@ use crate::schedule::Assignment;
 /// name).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Recipe {
+pub(super) struct Recipe {
     merge_method: String,
     #[serde(default)]
-    base_model: Option<String>,
+    pub(super) base_model: Option<String>,
     #[serde(default)]
-    models: Option<Vec<ModelEntry>>,
+    pub(super) models: Option<Vec<ModelEntry>>,
     #[serde(default)]
-    slices: Option<Vec<SliceEntry>>,
+    pub(super) slices: Option<Vec<SliceEntry>>,
     #[serde(default)]
-    parameters: Option<Parameters>,
+    pub(super) parameters: Option<Parameters>,
     #[serde(default)]
-    dtype: Option<String>,
+    pub(super) dtype: Option<String>,
     #[serde(default)]
-    out_dtype: Option<String>,
+    pub(super) out_dtype: Option<String>,
     #[serde(default)]
-    tokenizer_source: Option<String>,
+    pub(super) tokenizer_source: Option<String>,
     // Refused when present, with what to use instead.
     #[serde(default)]
     tokenizer: Option<serde_json::Value>,
@@ -57,15 +59,15 @@ struct Recipe {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ModelEntry {
-    model: String,
+pub(super) struct ModelEntry {
+    pub(super) model: String,
     #[serde(default)]
-    parameters: Option<Parameters>,
+    pub(super) parameters: Option<Parameters>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SliceEntry {
+pub(super) struct SliceEntry {
     sources: Vec<Source>,
     #[serde(default)]
     parameters: Option<Parameters>,
@@ -81,17 +83,55 @@ struct Source {
     parameters: Option<Parameters>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// The parameters of a level (the top, a slice, a model or a source): `t` for slerp, the
+/// others for the SLERP family's other members ([`super::yaml_family`]).
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Parameters {
+pub(super) struct Parameters {
     #[serde(default)]
-    t: Option<TValue>,
+    pub(super) t: Option<TValue>,
+    #[serde(default)]
+    pub(super) weight: Option<TValue>,
+    #[serde(default)]
+    pub(super) eps: Option<TValue>,
+    #[serde(default)]
+    pub(super) normalize_weights: Option<TValue>,
+    #[serde(default)]
+    pub(super) nuslerp_flatten: Option<TValue>,
+    #[serde(default)]
+    pub(super) nuslerp_row_wise: Option<TValue>,
+    #[serde(default)]
+    pub(super) max_iter: Option<TValue>,
+    #[serde(default)]
+    pub(super) tol: Option<TValue>,
 }
 
-/// A value of `t`: a number, a gradient, or a list of filtered entries.
+impl Parameters {
+    /// The parameters given here, by name, other than those of `keep`.
+    pub(super) fn given_except(&self, keep: &[&str]) -> Vec<&'static str> {
+        [
+            ("t", self.t.is_some()),
+            ("weight", self.weight.is_some()),
+            ("eps", self.eps.is_some()),
+            ("normalize_weights", self.normalize_weights.is_some()),
+            ("nuslerp_flatten", self.nuslerp_flatten.is_some()),
+            ("nuslerp_row_wise", self.nuslerp_row_wise.is_some()),
+            ("max_iter", self.max_iter.is_some()),
+            ("tol", self.tol.is_some()),
+        ]
+        .into_iter()
+        .filter(|(name, given)| *given && !keep.contains(name))
+        .map(|(name, _)| name)
+        .collect()
+    }
+}
+
+/// A parameter's value: a number (or a boolean, read as 1 or 0, as Python does), a gradient,
+/// or a list of filtered entries.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
-enum TValue {
+pub(super) enum TValue {
+    Bool(bool),
     Number(f64),
     Gradient(Vec<f64>),
     Entries(Vec<Entry>),
@@ -99,7 +139,7 @@ enum TValue {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Entry {
+pub(super) struct Entry {
     #[serde(default)]
     filter: Option<String>,
     value: EntryValue,
@@ -108,8 +148,22 @@ struct Entry {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 enum EntryValue {
+    Bool(bool),
     Number(f64),
     Gradient(Vec<f64>),
+}
+
+/// How a gradient is read: interpolated (numbers), or one entry picked (`values[⌊pos·(n −
+/// 1)⌋]`: integers and booleans, as mergekit picks them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Read {
+    Interpolated,
+    Picked,
+}
+
+fn picked(values: &[f64], pos: f64) -> f64 {
+    let n = values.len();
+    values[((pos * (n - 1) as f64) as usize).min(n - 1)]
 }
 
 /// mergekit's gradient: `x = pos·(n − 1)`, linear between `v[⌊x⌋]` and `v[min(⌊x⌋ + 1, n − 1)]`.
@@ -138,8 +192,29 @@ pub(crate) struct Resolved {
 /// then the top level's; the first matching entry of a list wins, a list that matches nothing
 /// falls through.
 fn resolve(name: &str, pos: f64, levels: &[(String, Option<&Parameters>)]) -> Option<Resolved> {
-    for (level, params) in levels {
-        let Some(t) = params.and_then(|p| p.t.as_ref()) else {
+    let values: Vec<(String, Option<&TValue>)> = levels
+        .iter()
+        .map(|(level, p)| (level.clone(), p.and_then(|p| p.t.as_ref())))
+        .collect();
+    resolve_value(name, pos, &values, Read::Interpolated)
+}
+
+/// One parameter for tensor `name` at layer position `pos`, from the first level that gives a
+/// value: a number, a gradient read as `read` says, or the first entry of a list whose filter
+/// is a substring of `name`. A list that matches nothing, and an empty list (mergekit's "no
+/// value"), fall through to the next level.
+pub(super) fn resolve_value(
+    name: &str,
+    pos: f64,
+    levels: &[(String, Option<&TValue>)],
+    read: Read,
+) -> Option<Resolved> {
+    let at = |values: &[f64]| match read {
+        Read::Interpolated => gradient(values, pos),
+        Read::Picked => picked(values, pos),
+    };
+    for (level, value) in levels {
+        let Some(value) = value else {
             continue;
         };
         let found = |t: f64, entry: String| {
@@ -149,11 +224,12 @@ fn resolve(name: &str, pos: f64, levels: &[(String, Option<&Parameters>)]) -> Op
                 entry,
             })
         };
-        match t {
+        match value {
+            TValue::Bool(b) => return found(f64::from(u8::from(*b)), "a boolean".into()),
             TValue::Number(v) => return found(*v, "a number".into()),
             // An empty list is no value, as mergekit reads it: the next level decides.
             TValue::Gradient(values) if values.is_empty() => {}
-            TValue::Gradient(values) => return found(gradient(values, pos), "a gradient".into()),
+            TValue::Gradient(values) => return found(at(values), "a gradient".into()),
             TValue::Entries(entries) => {
                 for (k, entry) in entries.iter().enumerate() {
                     let matches = match entry.filter.as_deref() {
@@ -168,8 +244,9 @@ fn resolve(name: &str, pos: f64, levels: &[(String, Option<&Parameters>)]) -> Op
                             None => format!("entry {k} (no filter)"),
                         };
                         let v = match &entry.value {
+                            EntryValue::Bool(b) => f64::from(u8::from(*b)),
                             EntryValue::Number(v) => *v,
-                            EntryValue::Gradient(values) => gradient(values, pos),
+                            EntryValue::Gradient(values) => at(values),
                         };
                         return found(v, what);
                     }
@@ -234,7 +311,7 @@ fn dtype_of(text: &str, key: &str) -> Result<DType, CheckpointError> {
     }
 }
 
-fn refused(reason: String) -> CheckpointError {
+pub(super) fn refused(reason: String) -> CheckpointError {
     CheckpointError::Recipe { reason }
 }
 
@@ -251,6 +328,9 @@ pub struct YamlTensor {
     pub matched: String,
     /// The layer offset `k / (len − 1)` inside its slice (0 outside the layers).
     pub position: f64,
+    /// The weight of each input, in order, for `nuslerp`, `multislerp` and `karcher` (empty
+    /// for `slerp`).
+    pub weights: Vec<f64>,
 }
 
 /// A recipe resolved against its models: what [`yaml_files`] writes.
@@ -267,10 +347,68 @@ pub struct YamlPlan {
     tokenizer_source: TokenizerSource,
     layers: Option<Vec<usize>>,
     exact: bool,
+    /// What a `nuslerp`, `multislerp` or `karcher` recipe merges.
+    family: Option<Family>,
+}
+
+impl YamlPlan {
+    /// The plan of a `nuslerp`, `multislerp` or `karcher` recipe.
+    pub(super) fn family(
+        tensors: Vec<YamlTensor>,
+        warnings: Vec<String>,
+        models: (String, String),
+        family: Family,
+    ) -> Self {
+        Self {
+            tensors,
+            warnings,
+            models,
+            inputs: None,
+            out_dtype: None,
+            input_dtype: None,
+            tokenizer_source: TokenizerSource::A,
+            layers: None,
+            exact: false,
+            family: Some(family),
+        }
+    }
+
+    /// Whether the recipe is a mean (`nuslerp`, `multislerp`, `karcher`) rather than `slerp`:
+    /// [`yaml_files`] then returns [`YamlResult::Mean`].
+    pub fn is_mean(&self) -> bool {
+        self.family.is_some()
+    }
 }
 
 impl std::fmt::Display for YamlPlan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(family) = &self.family {
+            let inputs: Vec<String> = family
+                .inputs
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            writeln!(f, "inputs: {}", inputs.join(", "))?;
+            if let Some(base) = &family.base {
+                writeln!(f, "base of the task vectors: {}", base.display())?;
+            }
+            for t in &self.tensors {
+                let matched = if t.matched.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ({})", t.matched)
+                };
+                writeln!(
+                    f,
+                    "{}  weights {:?}  offset {:.4}{matched}",
+                    t.name, t.weights, t.position
+                )?;
+            }
+            for w in &self.warnings {
+                writeln!(f, "warning: {w}")?;
+            }
+            return Ok(());
+        }
         writeln!(
             f,
             "A (base_model, t = 0): {}; B: {}",
@@ -320,35 +458,21 @@ pub fn plan_yaml(recipe: &Path, exact: bool) -> Result<YamlPlan, CheckpointError
     // The method first: a recipe for another method is refused for that, not for a key of its
     // own this reader does not know.
     let method: MethodOnly = serde_saphyr::from_str(&text).map_err(format)?;
-    match method.merge_method.as_deref() {
-        Some("slerp") => {}
-        Some(other) => return Err(unsupported_method(other)),
+    let family = match method.merge_method.as_deref() {
+        Some("slerp") => None,
+        Some(other) => Some(Method::of(other).ok_or_else(|| unsupported_method(other))?),
         None => return Err(refused("the recipe has no `merge_method`".into())),
-    }
+    };
     let parsed: Recipe = serde_saphyr::from_str(&text).map_err(format)?;
-    resolve_recipe(parsed, exact)
-}
-
-/// The one key read before the others.
-#[derive(Debug, Deserialize)]
-struct MethodOnly {
-    #[serde(default)]
-    merge_method: Option<String>,
-}
-
-fn unsupported_method(method: &str) -> CheckpointError {
-    refused(format!(
-        "merge_method `{method}` is not supported: only `slerp` is (for a weighted spherical mean \
-         of N models use `burn-slerp mean --method karcher|mergekit-karcher|multislerp|nuslerp`; \
-         for task-vector SLERP, `burn-slerp merge --base`)"
-    ))
-}
-
-/// The recipe against its models, opened here.
-fn resolve_recipe(recipe: Recipe, exact: bool) -> Result<YamlPlan, CheckpointError> {
-    if recipe.merge_method != "slerp" {
-        return Err(unsupported_method(&recipe.merge_method));
+    common_refusals(&parsed)?;
+    match family {
+        Some(method) => resolve_family(parsed, method, exact),
+        None => resolve_recipe(parsed, exact),
     }
+}
+
+/// The keys refused whatever the method, with what to do instead.
+fn common_refusals(recipe: &Recipe) -> Result<(), CheckpointError> {
     if recipe.modules.is_some() {
         return Err(refused(
             "`modules:` is not supported; merge each model separately".into(),
@@ -367,11 +491,50 @@ fn resolve_recipe(recipe: Recipe, exact: bool) -> Result<YamlPlan, CheckpointErr
                 .into(),
         ));
     }
+    Ok(())
+}
+
+/// The one key read before the others.
+#[derive(Debug, Deserialize)]
+struct MethodOnly {
+    #[serde(default)]
+    merge_method: Option<String>,
+}
+
+fn unsupported_method(method: &str) -> CheckpointError {
+    refused(format!(
+        "merge_method `{method}` is not supported: only the SLERP family is (`slerp`, `nuslerp`, \
+         `multislerp`, `karcher`); for other means of N models see `burn-slerp mean --method`"
+    ))
+}
+
+/// The recipe against its models, opened here.
+fn resolve_recipe(recipe: Recipe, exact: bool) -> Result<YamlPlan, CheckpointError> {
+    if recipe.merge_method != "slerp" {
+        return Err(unsupported_method(&recipe.merge_method));
+    }
     let base = recipe
         .base_model
         .clone()
         .ok_or_else(|| refused("slerp needs `base_model` (the model at t = 0)".into()))?;
     let mut warnings = Vec::new();
+    let mut levels_given: Vec<(String, &Parameters)> = Vec::new();
+    levels_given.extend(
+        recipe
+            .parameters
+            .iter()
+            .map(|p| ("the top level".to_string(), p)),
+    );
+    for (i, slice) in recipe.slices.iter().flatten().enumerate() {
+        levels_given.extend(slice.parameters.iter().map(|p| (format!("slice {i}"), p)));
+    }
+    for (level, p) in levels_given {
+        for unread in p.given_except(&["t"]) {
+            warnings.push(format!(
+                "`{unread}` at {level} is not a parameter of slerp; ignored, as mergekit ignores it"
+            ));
+        }
+    }
     // (A's range, B's range, parameters) per slice; `None` ranges: every layer.
     type Slice = (Option<[usize; 2]>, Option<[usize; 2]>, Option<Parameters>);
     let (other, slices): (String, Vec<Slice>) = match (&recipe.models, &recipe.slices) {
@@ -584,6 +747,7 @@ fn resolve_recipe(recipe: Recipe, exact: bool) -> Result<YamlPlan, CheckpointErr
                 .map(|r| format!("{}, {}", r.level, r.entry))
                 .unwrap_or_default(),
             position: 0.0,
+            weights: Vec::new(),
         };
         if is_after == Some(true) {
             after.push(tensor);
@@ -625,6 +789,7 @@ fn resolve_recipe(recipe: Recipe, exact: bool) -> Result<YamlPlan, CheckpointErr
                         .map(|r| format!("{}, {}", r.level, r.entry))
                         .unwrap_or_default(),
                     position: pos,
+                    weights: Vec::new(),
                 });
             }
         }
@@ -665,6 +830,7 @@ fn resolve_recipe(recipe: Recipe, exact: bool) -> Result<YamlPlan, CheckpointErr
         tokenizer_source,
         layers: (!identity).then_some(layers),
         exact,
+        family: None,
     })
 }
 
@@ -685,14 +851,43 @@ fn config(exact: bool) -> SlerpConfig {
     }
 }
 
+/// What [`yaml_files`] computed: the report of a `slerp` recipe, or what the mean computed for
+/// each tensor of a `nuslerp`, `multislerp` or `karcher` recipe.
+#[derive(Debug)]
+pub enum YamlResult {
+    /// `merge_method: slerp`.
+    Slerp(MergeReport),
+    /// `merge_method: nuslerp`, `multislerp` or `karcher`.
+    Mean(Vec<MeanStats>),
+}
+
 /// Merges what `plan` resolved into `out` (a folder for a model folder, or a `.safetensors` /
-/// `.bpk` file), on `device`, one tensor at a time, as [`merge_files`](super::merge_files)
-/// does (atomic output, the model files of a model folder).
+/// `.bpk` file), on `device`, one tensor at a time, as [`merge_files`](super::merge_files) and
+/// [`mean_files`](super::mean_files) do (atomic output, the model files of a model folder).
 ///
 /// # Errors
 ///
-/// As [`merge_files`](super::merge_files).
+/// As [`merge_files`](super::merge_files) and [`mean_files`](super::mean_files).
 pub fn yaml_files(
+    mut plan: YamlPlan,
+    out: &Path,
+    device: Device,
+    cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    progress: impl FnMut(Progress<'_>) + Send + 'static,
+) -> Result<YamlResult, CheckpointError> {
+    if let Some(family) = plan.family.take() {
+        let mut options = FileMerge::new(config(plan.exact), device);
+        options.base = family.base;
+        options.cancel = cancel;
+        options.check_cancel()?;
+        let stats = super::mean_files(&family.inputs, &family.mean, out, &options, progress)?;
+        return Ok(YamlResult::Mean(stats));
+    }
+    slerp_files(plan, out, device, cancel, progress).map(YamlResult::Slerp)
+}
+
+/// [`yaml_files`] for a `slerp` recipe.
+fn slerp_files(
     mut plan: YamlPlan,
     out: &Path,
     device: Device,

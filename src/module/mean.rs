@@ -68,6 +68,9 @@ pub struct SphericalMean {
     method: MeanMethod,
     /// Per-parameter weights of some models: (model index, its schedule).
     schedules: Vec<(usize, Schedule)>,
+    /// Every model's weight at some parameters, by path, ahead of the schedules (a recipe
+    /// front end that resolves weights its own way gives them here).
+    path_weights: Option<std::sync::Arc<HashMap<String, Vec<f64>>>>,
 }
 
 /// The member of the SLERP family a [`SphericalMean`] computes. Each is one pass over the
@@ -154,6 +157,7 @@ impl SphericalMean {
             eps: 1e-8,
             method: MeanMethod::Karcher,
             schedules: Vec::new(),
+            path_weights: None,
         })
     }
 
@@ -182,8 +186,20 @@ impl SphericalMean {
         self
     }
 
+    /// Gives every model's weight at each of these parameters, ahead of any schedule: what a
+    /// recipe front end that resolves weights its own way (mergekit's YAML) hands over.
+    #[cfg_attr(not(feature = "cli"), allow(dead_code))]
+    pub(crate) fn with_path_weights(mut self, weights: HashMap<String, Vec<f64>>) -> Self {
+        self.path_weights = Some(std::sync::Arc::new(weights));
+        self
+    }
+
     /// Every model's weight at the parameter `path`, at layer `position`.
     pub(crate) fn weights_at(&self, path: &str, position: f64) -> Result<Vec<f64>, MergeError> {
+        if let Some(weights) = self.path_weights.as_ref().and_then(|w| w.get(path)) {
+            self.check_weights(weights, Some(path))?;
+            return Ok(weights.clone());
+        }
         let mut weights = self.weights.clone();
         for (model, schedule) in &self.schedules {
             let mut resolver = Resolver::weights(schedule, self.weights[*model])?;

@@ -44,7 +44,7 @@ fn weighted(xs: &[Vec<f64>], c: &[f64]) -> Vec<f64> {
 /// steps), times the
 /// weighted mean of the norms. With `equal_mergekit`, mergekit 0.1.5's loop instead: equal
 /// weights, inputs of norm ≤ tol dropped, θ < tol skipped, stop below tol, at most `max_iter`.
-fn karcher64(xs: &[Vec<f64>], w: &[f64], mergekit: Option<(usize, f64)>) -> Vec<f64> {
+pub fn karcher64(xs: &[Vec<f64>], w: &[f64], mergekit: Option<(usize, f64)>) -> Vec<f64> {
     let total: f64 = w.iter().sum();
     let w: Vec<f64> = w.iter().map(|x| x / total).collect();
     let n = xs[0].len();
@@ -96,7 +96,7 @@ fn karcher64(xs: &[Vec<f64>], w: &[f64], mergekit: Option<(usize, f64)>) -> Vec<
 
 /// mergekit 0.1.5's `multislerp`, step by step as it is written (tangent projection and
 /// exponential map included), in f64.
-fn multislerp64(xs: &[Vec<f64>], w: &[f64], normalize: bool, eps: f64) -> Vec<f64> {
+pub fn multislerp64(xs: &[Vec<f64>], w: &[f64], normalize: bool, eps: f64) -> Vec<f64> {
     let total: f64 = w.iter().sum();
     let w: Vec<f64> = w
         .iter()
@@ -127,7 +127,7 @@ fn multislerp64(xs: &[Vec<f64>], w: &[f64], normalize: bool, eps: f64) -> Vec<f6
 }
 
 /// mergekit 0.1.5's `nuslerp` (flattened), in f64.
-fn nuslerp64(x0: &[f64], x1: &[f64], t: f64) -> Vec<f64> {
+pub fn nuslerp64(x0: &[f64], x1: &[f64], t: f64) -> Vec<f64> {
     let (n0, n1) = (norm(x0).max(1e-7), norm(x1).max(1e-7));
     let cos = (dot(x0, x1) / (n0 * n1)).clamp(-1.0, 1.0);
     if 1.0 - cos * cos <= 1e-16 {

@@ -1,0 +1,385 @@
+//! mergekit's other SLERP-family methods in YAML recipes: `nuslerp`, `multislerp` and
+//! `karcher`, read as mergekit 0.1.5 reads them and merged by [`SphericalMean`] over the files,
+//! tensor by tensor, with mergekit's formulas evaluated in f64 from the widened inputs and
+//! rounded once.
+//!
+//! - `weight`: per model (its `parameters`, filters matching the model's tensor name), then the
+//!   top level's `parameters`; a number, a gradient over the layer position, or a filter list.
+//!   nuslerp and multislerp have no default (a missing weight is an error naming the model and
+//!   the tensor); the base model's weight is ignored; karcher takes none (a warning when one is
+//!   given, and every input weighs the same).
+//! - `eps`, `normalize_weights` (multislerp), `nuslerp_flatten`, `nuslerp_row_wise` (nuslerp),
+//!   `max_iter`, `tol` (karcher): the top level's `parameters`, with mergekit's defaults;
+//!   booleans and integers pick a gradient entry (`values[⌊pos·(n − 1)⌋]`). One value per
+//!   recipe: a value that varies between tensors is refused, naming the parameter.
+//! - Arity: nuslerp two models besides the base, multislerp two or more, karcher the models
+//!   and `base_model` appended as one more input of equal weight.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use super::error::CheckpointError;
+use super::read::Checkpoint;
+use super::yaml::{
+    ModelEntry, Read, Recipe, Resolved, TValue, YamlPlan, YamlTensor, layer_index, refused,
+    resolve_value,
+};
+use crate::module::mean::{MeanMethod, SphericalMean};
+
+/// A member of the family other than slerp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Method {
+    Nuslerp,
+    Multislerp,
+    Karcher,
+}
+
+impl Method {
+    pub(super) fn of(name: &str) -> Option<Self> {
+        match name {
+            "nuslerp" => Some(Self::Nuslerp),
+            "multislerp" => Some(Self::Multislerp),
+            "karcher" => Some(Self::Karcher),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Nuslerp => "nuslerp",
+            Self::Multislerp => "multislerp",
+            Self::Karcher => "karcher",
+        }
+    }
+
+    /// The parameters mergekit's method reads.
+    fn reads(self) -> &'static [&'static str] {
+        match self {
+            Self::Nuslerp => &["weight", "nuslerp_flatten", "nuslerp_row_wise"],
+            Self::Multislerp => &["weight", "normalize_weights", "eps"],
+            Self::Karcher => &["max_iter", "tol"],
+        }
+    }
+}
+
+/// What a family recipe merges: the inputs in order, the base of the task vectors (nuslerp and
+/// multislerp), and the mean with every tensor's weights.
+pub(super) struct Family {
+    pub(super) inputs: Vec<PathBuf>,
+    pub(super) base: Option<PathBuf>,
+    pub(super) mean: SphericalMean,
+}
+
+/// The top-level parameter `key` over every tensor: one value, or its default when no tensor
+/// gets one; a value that varies between tensors is refused.
+struct Single {
+    key: &'static str,
+    read: Read,
+    value: Option<(f64, String)>,
+}
+
+impl Single {
+    fn new(key: &'static str, read: Read) -> Self {
+        Self {
+            key,
+            read,
+            value: None,
+        }
+    }
+
+    fn see(&mut self, name: &str, pos: f64, top: Option<&TValue>) -> Result<(), CheckpointError> {
+        let levels = [("top level".to_string(), top)];
+        let Some(Resolved { t, .. }) = resolve_value(name, pos, &levels, self.read) else {
+            return Ok(());
+        };
+        match &self.value {
+            None => self.value = Some((t, name.to_string())),
+            Some((v, first)) if *v != t && !(v.is_nan() && t.is_nan()) => {
+                return Err(refused(format!(
+                    "`{}` is {v} for `{first}` and {t} for `{name}`: a value that varies between \
+                     tensors is not supported",
+                    self.key
+                )));
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    fn or(&self, default: f64) -> f64 {
+        self.value.as_ref().map_or(default, |(v, _)| *v)
+    }
+}
+
+/// Resolves a `nuslerp`, `multislerp` or `karcher` recipe against its models (opened to read
+/// their tensor names; nothing computed).
+pub(super) fn resolve_family(
+    recipe: Recipe,
+    method: Method,
+    exact: bool,
+) -> Result<YamlPlan, CheckpointError> {
+    let name = method.name();
+    if recipe.slices.is_some() {
+        return Err(refused(format!(
+            "`slices:` with merge_method `{name}` is not supported: list the models under \
+             `models:` (every layer of each)"
+        )));
+    }
+    let models = recipe
+        .models
+        .as_ref()
+        .ok_or_else(|| refused("the recipe has no `models:`".into()))?;
+    let base = recipe.base_model.clone();
+    for model in models.iter().map(|m| &m.model).chain(&base) {
+        if model.contains('+') {
+            return Err(refused(format!(
+                "`{model}`: LoRA sources (`model+lora`) are not supported; merge the adapter into \
+                 the model first"
+            )));
+        }
+    }
+    let mut warnings = Vec::new();
+    let top = recipe.parameters.clone().unwrap_or_default();
+    for unread in top.given_except(method.reads()) {
+        warnings.push(format!(
+            "`{unread}` is not a parameter of {name}; ignored, as mergekit ignores it"
+        ));
+    }
+    // The models merged, in order (the base is not one of them).
+    let others: Vec<&ModelEntry> = models
+        .iter()
+        .filter(|m| Some(&m.model) != base.as_ref())
+        .collect();
+    for m in models {
+        let Some(p) = &m.parameters else { continue };
+        let keep: &[&str] = if method == Method::Karcher {
+            &[]
+        } else {
+            &["weight"]
+        };
+        for unread in p.given_except(keep) {
+            let why = if Some(&m.model) == base.as_ref() && unread == "weight" {
+                "the base model's weight is not used"
+            } else {
+                "mergekit ignores it"
+            };
+            warnings.push(format!(
+                "`{unread}` given for model `{}` is ignored: {why}",
+                m.model
+            ));
+        }
+        if method != Method::Karcher && Some(&m.model) == base.as_ref() && p.weight.is_some() {
+            warnings.push(format!(
+                "`weight` given for the base model `{}` is ignored, as mergekit ignores it",
+                m.model
+            ));
+        }
+    }
+    if method == Method::Karcher && top.weight.is_some() {
+        warnings.push(
+            "`weight` is ignored by karcher, as mergekit ignores it: every input weighs the same"
+                .into(),
+        );
+    }
+    match (method, others.len()) {
+        (Method::Nuslerp, 2) | (Method::Multislerp | Method::Karcher, 2..) => {}
+        (Method::Multislerp, 1) => {
+            return Err(refused(
+                "multislerp of one model returns it as it is: copy the model instead".into(),
+            ));
+        }
+        (Method::Karcher, 1) if base.is_some() => {}
+        (_, n) => {
+            let wants = if method == Method::Nuslerp {
+                "exactly two models besides `base_model`"
+            } else {
+                "at least two models"
+            };
+            return Err(refused(format!(
+                "{name} merges {wants}; the recipe lists {n}"
+            )));
+        }
+    }
+    if recipe.dtype.is_some() || recipe.out_dtype.is_some() {
+        return Err(refused(format!(
+            "`dtype` and `out_dtype` are not supported with merge_method `{name}` yet: the result \
+             is written in the first model's dtype, computed in f64 from the widened inputs"
+        )));
+    }
+    if recipe
+        .tokenizer_source
+        .as_deref()
+        .is_some_and(|s| s != others[0].model)
+    {
+        return Err(refused(format!(
+            "`tokenizer_source` with merge_method `{name}` may only name the first model, \
+             `{}`, whose side files the output takes",
+            others[0].model
+        )));
+    }
+    let first = Checkpoint::open(std::path::Path::new(&others[0].model))?;
+    let names = first.names();
+    let layers = names
+        .iter()
+        .filter_map(|n| layer_index(n).map(|(i, _)| i + 1))
+        .max()
+        .unwrap_or(0);
+    let position = |tensor: &str| match layer_index(tensor) {
+        Some(_) if layers == 1 => 1.0,
+        Some((i, _)) => i as f64 / (layers - 1) as f64,
+        None => 0.0,
+    };
+    let float = |n: &str| {
+        first
+            .entry(n)
+            .and_then(|e| e.dtype)
+            .is_some_and(super::plan::is_float)
+    };
+    let mut singles = match method {
+        Method::Nuslerp => vec![
+            Single::new("nuslerp_flatten", Read::Picked),
+            Single::new("nuslerp_row_wise", Read::Picked),
+        ],
+        Method::Multislerp => vec![
+            Single::new("normalize_weights", Read::Picked),
+            Single::new("eps", Read::Interpolated),
+        ],
+        Method::Karcher => vec![
+            Single::new("max_iter", Read::Picked),
+            Single::new("tol", Read::Interpolated),
+        ],
+    };
+    let top_value = |key: &str| match key {
+        "nuslerp_flatten" => top.nuslerp_flatten.as_ref(),
+        "nuslerp_row_wise" => top.nuslerp_row_wise.as_ref(),
+        "normalize_weights" => top.normalize_weights.as_ref(),
+        "eps" => top.eps.as_ref(),
+        "max_iter" => top.max_iter.as_ref(),
+        _ => top.tol.as_ref(),
+    };
+    let mut weights: HashMap<String, Vec<f64>> = HashMap::new();
+    let mut tensors = Vec::new();
+    for tensor in names.iter().filter(|n| float(n)) {
+        // Outside the layers: position 0.
+        let pos = position(tensor);
+        for single in &mut singles {
+            single.see(tensor, pos, top_value(single.key))?;
+        }
+        let mut row = Vec::with_capacity(others.len() + 1);
+        let mut matched = Vec::new();
+        for m in &others {
+            if method == Method::Karcher {
+                row.push(1.0);
+                continue;
+            }
+            let levels = [
+                (
+                    format!("model {}", m.model),
+                    m.parameters.as_ref().and_then(|p| p.weight.as_ref()),
+                ),
+                ("top level".to_string(), top.weight.as_ref()),
+            ];
+            let r = resolve_value(tensor, pos, &levels, Read::Interpolated).ok_or_else(|| {
+                refused(format!(
+                    "missing weight for model `{}` at `{tensor}` (no level of the recipe gives \
+                     one; {name} has no default)",
+                    m.model
+                ))
+            })?;
+            if !r.t.is_finite() {
+                return Err(refused(format!(
+                    "weight {} for model `{}` at `{tensor}` ({}, {}) is not finite",
+                    r.t, m.model, r.level, r.entry
+                )));
+            }
+            matched.push(format!("{}: {}", r.level, r.entry));
+            row.push(r.t);
+        }
+        if method == Method::Karcher && base.is_some() {
+            row.push(1.0);
+        }
+        tensors.push(YamlTensor {
+            name: tensor.clone(),
+            sources: (tensor.clone(), tensor.clone()),
+            t: None,
+            matched: matched.join("; "),
+            position: pos,
+            weights: row.clone(),
+        });
+        weights.insert(tensor.clone(), row);
+    }
+    let value = |key: &str, default: f64| {
+        singles
+            .iter()
+            .find(|s| s.key == key)
+            .map_or(default, |s| s.or(default))
+    };
+    let mean_method = match method {
+        Method::Nuslerp => {
+            if value("nuslerp_flatten", 1.0) == 0.0 {
+                return Err(refused(
+                    "`nuslerp_flatten: false` (SLERP of the vectors along the last axis) is not \
+                     supported: only flattened tensors are"
+                        .into(),
+                ));
+            }
+            if value("nuslerp_row_wise", 0.0) != 0.0 {
+                return Err(refused(
+                    "`nuslerp_row_wise: true` (SLERP of the vectors along the first axis) is not \
+                     supported: only flattened tensors are"
+                        .into(),
+                ));
+            }
+            MeanMethod::Nuslerp
+        }
+        Method::Multislerp => MeanMethod::Multislerp {
+            normalize_weights: value("normalize_weights", 1.0) != 0.0,
+            eps: value("eps", 1e-8),
+        },
+        Method::Karcher if exact => MeanMethod::Karcher,
+        Method::Karcher => {
+            let max_iter = value("max_iter", 10.0);
+            if !(max_iter >= 0.0 && max_iter.fract() == 0.0) {
+                return Err(refused(format!(
+                    "`max_iter: {max_iter}` is not a number of steps"
+                )));
+            }
+            MeanMethod::MergekitKarcher {
+                max_iter: max_iter as usize,
+                tol: value("tol", 1e-5),
+            }
+        }
+    };
+    let mut inputs: Vec<PathBuf> = others.iter().map(|m| PathBuf::from(&m.model)).collect();
+    let task_base = match method {
+        Method::Karcher => {
+            inputs.extend(base.iter().map(PathBuf::from));
+            None
+        }
+        _ => base.as_ref().map(PathBuf::from),
+    };
+    let mean = SphericalMean::new(vec![1.0; inputs.len()])
+        .map_err(CheckpointError::Merge)?
+        .with_method(mean_method)
+        .with_path_weights(weights);
+    if let Some(eps) = match mean_method {
+        MeanMethod::Multislerp { eps, .. } => Some(eps),
+        _ => None,
+    } && !(eps.is_finite() && eps >= 0.0)
+    {
+        return Err(refused(format!("`eps: {eps}` is not a finite number ≥ 0")));
+    }
+    Ok(YamlPlan::family(
+        tensors,
+        warnings,
+        (
+            others[0].model.clone(),
+            others.get(1).map_or_else(String::new, |m| m.model.clone()),
+        ),
+        Family {
+            inputs,
+            base: task_base,
+            mean,
+        },
+    ))
+}
