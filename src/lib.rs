@@ -112,3 +112,23 @@ pub use stats::{RowStats, TensorStats};
 #[cfg(all(doctest, feature = "flex"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+#[cfg(all(doctest, feature = "flex"))]
+#[doc = include_str!("../docs/guide.md")]
+struct GuideDoctests;
+
+#[cfg(all(doctest, feature = "flex"))]
+#[doc = include_str!("../docs/numerics.md")]
+struct NumericsDoctests;
+
+#[cfg(all(doctest, feature = "flex"))]
+#[doc = include_str!("../docs/performance.md")]
+struct PerformanceDoctests;
+
+#[cfg(all(doctest, feature = "flex"))]
+#[doc = include_str!("../docs/mergekit.md")]
+struct MergekitDoctests;
+
+#[cfg(all(doctest, feature = "flex"))]
+#[doc = include_str!("../docs/testing.md")]
+struct TestingDoctests;

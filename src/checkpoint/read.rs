@@ -207,7 +207,7 @@ impl Checkpoint {
     /// that each tensor the index names is in its shard.
     ///
     /// `path` is a file, a model folder, or a model in the local Hugging Face cache
-    /// (`org/name`, `org/name@revision`; see the README). A model folder is read from the first
+    /// (`org/name`, `org/name@revision`; see `docs/guide.md`). A model folder is read from the first
     /// of `model.safetensors.index.json`, `model.safetensors`, `pytorch_model.bin.index.json`
     /// and `pytorch_model.bin` it holds. A file is read as burnpack when its name ends in
     /// `.bpk` or it starts with burnpack's magic number, as PyTorch when it ends in `.bin`,
