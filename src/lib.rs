@@ -83,6 +83,8 @@ mod error;
 mod family;
 mod interpolate;
 mod kernels;
+#[cfg(feature = "cli")]
+pub mod mergekit;
 mod module;
 mod numerics;
 mod reduce;

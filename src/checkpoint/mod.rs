@@ -17,11 +17,10 @@ mod error;
 mod folder;
 mod hub;
 mod options;
-mod plan;
+pub(crate) mod plan;
 mod read;
+pub(crate) mod renamed;
 mod write;
-mod yaml;
-mod yaml_family;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -30,6 +29,7 @@ use burn::tensor::{DType, Device};
 
 use crate::config::SlerpConfig;
 use crate::error::MergeError;
+pub use crate::mergekit::{YamlPlan, YamlResult, YamlTensor, plan_yaml, yaml_files};
 use crate::module::mean::{MeanStats, SphericalMean};
 use crate::report::{MergePlan, MergeReport, PlanEntry};
 use crate::schedule::Assignment;
@@ -38,7 +38,6 @@ pub use options::{FileMerge, OutDType, Pairing, Progress, TokenizerSource};
 pub use plan::output_format;
 use plan::{Origin, OutputTensor, Plan, is_float};
 pub use read::{Checkpoint, Format};
-pub use yaml::{YamlPlan, YamlResult, YamlTensor, plan_yaml, yaml_files};
 
 /// Opens both inputs and checks the output path: nothing written yet.
 fn open_pair(

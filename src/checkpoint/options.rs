@@ -91,7 +91,7 @@ impl FileMerge {
     }
 
     /// [`CheckpointError::Interrupted`] once [`FileMerge::cancel`] is set.
-    pub(super) fn check_cancel(&self) -> Result<(), CheckpointError> {
+    pub(crate) fn check_cancel(&self) -> Result<(), CheckpointError> {
         match &self.cancel {
             Some(cancel) if cancel.load(Ordering::Relaxed) => Err(CheckpointError::Interrupted),
             _ => Ok(()),

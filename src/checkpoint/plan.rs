@@ -15,7 +15,7 @@ use crate::schedule::{Assignment, Resolver, layer_positions};
 
 /// Whether a dtype is merged (floats that can be computed in) rather than copied (integers,
 /// booleans, quantized tensors).
-pub(super) fn is_float(dtype: DType) -> bool {
+pub(crate) fn is_float(dtype: DType) -> bool {
     compute_dtype(dtype).is_some()
 }
 

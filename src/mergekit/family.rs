@@ -18,12 +18,12 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use super::error::CheckpointError;
-use super::read::Checkpoint;
-use super::yaml::{
+use super::recipe::{
     ModelEntry, Read, Recipe, Resolved, TValue, YamlPlan, YamlTensor, layer_index, refused,
     resolve_value,
 };
+use crate::checkpoint::plan::is_float;
+use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::module::mean::{MeanMethod, SphericalMean};
 
 /// A member of the family other than slerp.
@@ -229,12 +229,7 @@ pub(super) fn resolve_family(
         Some((i, _)) => i as f64 / (layers - 1) as f64,
         None => 0.0,
     };
-    let float = |n: &str| {
-        first
-            .entry(n)
-            .and_then(|e| e.dtype)
-            .is_some_and(super::plan::is_float)
-    };
+    let float = |n: &str| first.entry(n).and_then(|e| e.dtype).is_some_and(is_float);
     let mut singles = match method {
         Method::Nuslerp => vec![
             Single::new("nuslerp_flatten", Read::Picked),

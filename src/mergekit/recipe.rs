@@ -7,22 +7,20 @@
 //! (`serde_yaml` and `serde_yml` are unmaintained); every struct denies unknown keys, so a key
 //! this reader does not know is an error naming it (mergekit ignores such keys).
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use burn::tensor::{DType, Device};
 use serde::Deserialize;
 
-use super::error::CheckpointError;
-use super::options::{FileMerge, OutDType, Progress, TokenizerSource};
-use super::plan::{Origin, OutputTensor, is_float};
-use super::read::Checkpoint;
-use super::write;
-use super::yaml_family::{Family, Method, resolve_family};
+use super::family::{Family, Method, resolve_family};
+use crate::checkpoint::plan::is_float;
+use crate::checkpoint::renamed::{self, Listed, Renamed};
+use crate::checkpoint::{
+    Checkpoint, CheckpointError, FileMerge, OutDType, Progress, TokenizerSource, mean_files,
+};
 use crate::config::{Granularity, SlerpConfig, ZeroNorm};
 use crate::module::mean::MeanStats;
 use crate::report::MergeReport;
-use crate::schedule::Assignment;
 
 /// A recipe as written (the keys mergekit 0.1.5 reads for a slerp merge, and the ones refused by
 /// name).
@@ -84,7 +82,7 @@ struct Source {
 }
 
 /// The parameters of a level (the top, a slice, a model or a source): `t` for slerp, the
-/// others for the SLERP family's other members ([`super::yaml_family`]).
+/// others for the SLERP family's other members ([`super::family`]).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Parameters {
@@ -797,28 +795,8 @@ fn resolve_recipe(recipe: Recipe, exact: bool) -> Result<YamlPlan, CheckpointErr
     }
     tensors.extend(after);
     // B holds every source, of A's shape and a float dtype where A's is.
-    for t in &tensors {
-        let (ea, eb) = (
-            a.entry(&t.sources.0).expect("A's name"),
-            b.entry(&t.sources.1),
-        );
-        let Some(eb) = eb else {
-            return Err(CheckpointError::Pairing {
-                missing_in_b: vec![t.sources.1.clone()],
-                missing_in_a: vec![],
-            });
-        };
-        if ea.shape != eb.shape {
-            return Err(CheckpointError::Shape {
-                name: t.name.clone(),
-                a: ea.shape.clone(),
-                b: eb.shape.clone(),
-                hint: String::new(),
-            });
-        }
-        // The checks of every file merge: dtypes Burn has, floats with floats.
-        super::plan::pair(&t.name, ea, eb)?;
-    }
+    // The checks of every file merge, before anything is planned.
+    renamed::check(&a, &b, &listed(&tensors))?;
     let identity = layers.len() == la && layers.iter().enumerate().all(|(i, l)| i == *l);
     Ok(YamlPlan {
         tensors,
@@ -862,12 +840,13 @@ pub enum YamlResult {
 }
 
 /// Merges what `plan` resolved into `out` (a folder for a model folder, or a `.safetensors` /
-/// `.bpk` file), on `device`, one tensor at a time, as [`merge_files`](super::merge_files) and
-/// [`mean_files`](super::mean_files) do (atomic output, the model files of a model folder).
+/// `.bpk` file), on `device`, one tensor at a time, as
+/// [`merge_files`](crate::checkpoint::merge_files) and [`mean_files`] do (atomic output, the
+/// model files of a model folder).
 ///
 /// # Errors
 ///
-/// As [`merge_files`](super::merge_files) and [`mean_files`](super::mean_files).
+/// As [`merge_files`](crate::checkpoint::merge_files) and [`mean_files`].
 pub fn yaml_files(
     mut plan: YamlPlan,
     out: &Path,
@@ -880,10 +859,23 @@ pub fn yaml_files(
         options.base = family.base;
         options.cancel = cancel;
         options.check_cancel()?;
-        let stats = super::mean_files(&family.inputs, &family.mean, out, &options, progress)?;
+        let stats = mean_files(&family.inputs, &family.mean, out, &options, progress)?;
         return Ok(YamlResult::Mean(stats));
     }
     slerp_files(plan, out, device, cancel, progress).map(YamlResult::Slerp)
+}
+
+/// The output tensors of a `slerp` plan, as the file layer lists them.
+fn listed(tensors: &[YamlTensor]) -> Vec<Listed> {
+    tensors
+        .iter()
+        .map(|t| Listed {
+            name: t.name.clone(),
+            sources: t.sources.clone(),
+            t: t.t,
+            position: t.position,
+        })
+        .collect()
 }
 
 /// [`yaml_files`] for a `slerp` recipe.
@@ -894,16 +886,10 @@ fn slerp_files(
     cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     progress: impl FnMut(Progress<'_>) + Send + 'static,
 ) -> Result<MergeReport, CheckpointError> {
-    let (a, b) = plan.inputs.take().expect("opened by plan_yaml");
-    let output = super::plan::output_format(out)?;
-    for file in a.files().iter().chain(b.files().iter()) {
-        if write::same_file(file, out) {
-            return Err(CheckpointError::OverwritesInput {
-                path: out.to_path_buf(),
-            });
-        }
-    }
-    write::check_output(out, output)?;
+    let (a, b) = plan
+        .inputs
+        .take()
+        .ok_or_else(|| refused("this plan was written already: resolve the recipe again".into()))?;
     let mut options = FileMerge::new(config(plan.exact), device);
     options.out_dtype = plan.out_dtype.map(|d| match d {
         DType::F16 => OutDType::F16,
@@ -912,62 +898,15 @@ fn slerp_files(
     });
     options.tokenizer_source = plan.tokenizer_source;
     options.cancel = cancel;
-    options.check_cancel()?;
-    let mut renames = HashMap::new();
-    let mut tensors = Vec::with_capacity(plan.tensors.len());
-    for (index, t) in plan.tensors.iter().enumerate() {
-        let entry = a
-            .entry(&t.sources.0)
-            .ok_or_else(|| CheckpointError::Pairing {
-                missing_in_b: vec![],
-                missing_in_a: vec![t.sources.0.clone()],
-            })?;
-        let dtype = match (t.t, plan.out_dtype, entry.dtype) {
-            (Some(_), Some(out), _) => out,
-            (_, _, Some(dtype)) => dtype,
-            (_, _, None) => {
-                return Err(CheckpointError::DType {
-                    name: t.name.clone(),
-                    a: entry.label.clone(),
-                    b: "-".into(),
-                    why: "Burn has no such type".into(),
-                });
-            }
-        };
-        let numel: usize = entry.shape.iter().product();
-        if t.sources.0 != t.name || t.sources.1 != t.name {
-            renames.insert(t.name.clone(), t.sources.clone());
-        }
-        tensors.push(OutputTensor {
-            name: t.name.clone(),
-            index,
-            dtype,
-            shape: entry.shape.clone(),
-            origin: match t.t {
-                Some(v) => Origin::Merge(Assignment {
-                    t: v,
-                    rule: None,
-                    position: t.position,
-                }),
-                None => Origin::CopyA,
-            },
-            param_id: entry.param_id,
-            shard: entry.shard,
-            byte_len: numel * dtype.size(),
-        });
-    }
-    super::plan::check_output_dtypes(&tensors, output)?;
-    let names = vec![plan.models.0.clone(), plan.models.1.clone()];
-    let job = write::Job {
-        inputs: (a, b, None),
-        names,
-        mean: None,
-        renames,
+    let merge = Renamed {
+        a,
+        b,
+        names: plan.models.clone(),
+        tensors: listed(&plan.tensors),
         input_dtype: plan.input_dtype,
         layers: plan.layers.take(),
     };
-    let (report, _) = write::write(job, tensors, out, output, &options, Box::new(progress))?;
-    Ok(report)
+    renamed::write_renamed(merge, out, &options, progress)
 }
 
 #[cfg(test)]
