@@ -548,7 +548,9 @@ proptest::proptest! {
     /// checks are reached too) gives a plan or an error, never a panic.
     #[test]
     fn recipes_never_panic(
-        method in proptest::sample::select(vec!["slerp", "slerp", "slerp", "karcher", "ties", ""]),
+        method in proptest::sample::select(vec![
+            "slerp", "slerp", "slerp", "nuslerp", "multislerp", "karcher", "ties", "",
+        ]),
         t in proptest::prop_oneof![
             3 => fuzz_value(2),
             1 => proptest::sample::select(vec![
@@ -571,8 +573,11 @@ proptest::proptest! {
         );
         let text = match shape {
             0 => format!(
-                "merge_method: {method}\nbase_model: A\nmodels: [{{model: A}}, {{model: B}}]\n\
-                 parameters: {{t: {t}}}\n"
+                "merge_method: {method}\n{}models: [{{model: A}}, {{model: B, \
+                 parameters: {{weight: {t}}}}}]\nparameters: {{t: {t}, weight: {t}, eps: {t}, \
+                 max_iter: {t}, normalize_weights: {t}}}\n",
+                // nuslerp and multislerp without a base, so that both models are merged.
+                if method.ends_with("slerp") && method != "slerp" { "" } else { "base_model: A\n" }
             ),
             3 => format!(
                 "merge_method: slerp\nbase_model: A\nmodels: [{{model: A}}, {{model: B}}]\n\
