@@ -638,6 +638,7 @@ fn slerp_family_recipes_match_their_formulas() {
     succeeds(&dir, &["yaml", "multi.yml", "out-multi", "--quiet"]);
     let got = read(&dir.join("out-multi/model.safetensors"));
     assert_eq!(got.len(), names().len());
+    let mut wants = BTreeMap::new();
     for name in names() {
         let pos = position(&name);
         let w = [
@@ -659,6 +660,28 @@ fn slerp_family_recipes_match_their_formulas() {
         let want: Vec<f64> = base.iter().zip(&mean).map(|(b, d)| b + d).collect();
         let err = rel(&got[&name], &want);
         assert!(err <= 1e-6, "multislerp {name}: {err:e}");
+        wants.insert(name, want);
+    }
+    // `out_dtype: bfloat16`: the same mean, rounded to bf16 (within bf16's half ulp, 2⁻⁹ of
+    // each value, plus the f32 rounding before it).
+    std::fs::write(
+        dir.join("multi16.yml"),
+        std::fs::read_to_string(dir.join("multi.yml")).unwrap() + "out_dtype: bfloat16\n",
+    )
+    .unwrap();
+    succeeds(&dir, &["yaml", "multi16.yml", "out-multi16", "--quiet"]);
+    let bytes = std::fs::read(dir.join("out-multi16/model.safetensors")).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    for name in names() {
+        let view = file.tensor(&name).unwrap();
+        assert_eq!(view.dtype(), Dtype::BF16, "{name}");
+        for (b, w) in view.data().chunks_exact(2).zip(&wants[&name]) {
+            let v = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16) as f64;
+            assert!(
+                (v - w).abs() <= w.abs() * (1.0 / 256.0) + 1e-30,
+                "{name}: {v} vs {w}"
+            );
+        }
     }
     // nuslerp without a base: t = w_b/(w_a + w_b) = 3/4, the weights from the top level and
     // from b's own parameters.
@@ -740,6 +763,10 @@ fn slerp_family_refusals_name_what_is_wrong() {
         (
             "models:\n  - model: ./a\n    parameters:\n      weight: 1\n  - model: ./b\n    parameters:\n      weight: -1\nmerge_method: multislerp\n",
             "sum to 0",
+        ),
+        (
+            "models:\n  - model: ./a\n  - model: ./b\nmerge_method: karcher\ndtype: bfloat16\n",
+            "`dtype`",
         ),
     ];
     for (i, (text, expect)) in cases.iter().enumerate() {

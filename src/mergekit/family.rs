@@ -19,8 +19,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use super::recipe::{
-    ModelEntry, Read, Recipe, Resolved, TValue, YamlPlan, YamlTensor, layer_index, refused,
-    resolve_value,
+    ModelEntry, Read, Recipe, Resolved, TValue, YamlPlan, YamlTensor, dtype_of, layer_index,
+    refused, resolve_value,
 };
 use crate::checkpoint::plan::is_float;
 use crate::checkpoint::{Checkpoint, CheckpointError};
@@ -68,6 +68,8 @@ pub(super) struct Family {
     pub(super) inputs: Vec<PathBuf>,
     pub(super) base: Option<PathBuf>,
     pub(super) mean: SphericalMean,
+    /// `out_dtype`: the output's dtype (the first model's by default).
+    pub(super) out_dtype: Option<burn::tensor::DType>,
 }
 
 /// The top-level parameter `key` over every tensor: one value, or its default when no tensor
@@ -200,12 +202,18 @@ pub(super) fn resolve_family(
             )));
         }
     }
-    if recipe.dtype.is_some() || recipe.out_dtype.is_some() {
+    if recipe.dtype.is_some() {
         return Err(refused(format!(
-            "`dtype` and `out_dtype` are not supported with merge_method `{name}` yet: the result \
-             is written in the first model's dtype, computed in f64 from the widened inputs"
+            "`dtype` (the dtype the inputs are rounded to before merging) is not supported with \
+             merge_method `{name}` yet: the merge is computed in f64 from the inputs as they are; \
+             `out_dtype` sets the output's dtype"
         )));
     }
+    let out_dtype = recipe
+        .out_dtype
+        .as_deref()
+        .map(|d| dtype_of(d, "out_dtype"))
+        .transpose()?;
     if recipe
         .tokenizer_source
         .as_deref()
@@ -375,6 +383,7 @@ pub(super) fn resolve_family(
             inputs,
             base: task_base,
             mean,
+            out_dtype,
         },
     ))
 }

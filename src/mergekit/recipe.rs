@@ -298,7 +298,7 @@ fn after_layers(architecture: &str, name: &str) -> Option<bool> {
     }
 }
 
-fn dtype_of(text: &str, key: &str) -> Result<DType, CheckpointError> {
+pub(super) fn dtype_of(text: &str, key: &str) -> Result<DType, CheckpointError> {
     match text {
         "float32" | "fp32" | "float" => Ok(DType::F32),
         "float16" | "fp16" | "half" => Ok(DType::F16),
@@ -857,12 +857,22 @@ pub fn yaml_files(
     if let Some(family) = plan.family.take() {
         let mut options = FileMerge::new(config(plan.exact), device);
         options.base = family.base;
+        options.out_dtype = family.out_dtype.map(out_dtype);
         options.cancel = cancel;
         options.check_cancel()?;
         let stats = mean_files(&family.inputs, &family.mean, out, &options, progress)?;
         return Ok(YamlResult::Mean(stats));
     }
     slerp_files(plan, out, device, cancel, progress).map(YamlResult::Slerp)
+}
+
+/// A dtype [`dtype_of`] reads, as the file layer's output dtype.
+fn out_dtype(dtype: DType) -> OutDType {
+    match dtype {
+        DType::F16 => OutDType::F16,
+        DType::BF16 => OutDType::BF16,
+        _ => OutDType::F32,
+    }
 }
 
 /// The output tensors of a `slerp` plan, as the file layer lists them.
@@ -891,11 +901,7 @@ fn slerp_files(
         .take()
         .ok_or_else(|| refused("this plan was written already: resolve the recipe again".into()))?;
     let mut options = FileMerge::new(config(plan.exact), device);
-    options.out_dtype = plan.out_dtype.map(|d| match d {
-        DType::F16 => OutDType::F16,
-        DType::BF16 => OutDType::BF16,
-        _ => OutDType::F32,
-    });
+    options.out_dtype = plan.out_dtype.map(out_dtype);
     options.tokenizer_source = plan.tokenizer_source;
     options.cancel = cancel;
     let merge = Renamed {
