@@ -71,8 +71,9 @@
 //! | `ndarray` | burn-ndarray, CPU (deprecated upstream) | `Device::ndarray()` |
 //! | `wgpu` | burn-wgpu: Vulkan, Metal, DX12, GL | `Device::wgpu(Default::default())` |
 //!
-//! `cli` adds the `burn-slerp` binary and the `checkpoint` module: file-to-file merges of
-//! `.safetensors`, Hugging Face sharded and `.bpk` burnpack checkpoints, one tensor at a time.
+//! `cli` adds the `burn-slerp` binary, the `checkpoint` module (file-to-file merges of
+//! `.safetensors`, Hugging Face sharded and `.bpk` burnpack checkpoints, one tensor at a time)
+//! and the `mergekit` module (mergekit's YAML recipes of the SLERP family, read as they are).
 
 #[cfg(feature = "cli")]
 pub mod checkpoint;

@@ -599,7 +599,7 @@ proptest::proptest! {
             .replace('B', &b.display().to_string());
         let recipe = dir.join(format!("r{}.yml", std::process::id()));
         std::fs::write(&recipe, &text).unwrap();
-        let _ = burn_slerp::checkpoint::plan_yaml(&recipe, false);
+        let _ = burn_slerp::mergekit::plan_yaml(&recipe, false);
     }
 }
 

@@ -27,10 +27,10 @@ use std::process::ExitCode;
 use burn::config::Config;
 use burn::tensor::Device;
 use burn_slerp::checkpoint::{
-    CheckpointError, FileMerge, OutDType, Pairing, Progress, TokenizerSource, YamlResult,
-    compare_files, inspect, mean_files, merge_files, plan_files, plan_mean_files, plan_yaml,
-    shapes, yaml_files,
+    CheckpointError, FileMerge, OutDType, Pairing, Progress, TokenizerSource, compare_files,
+    inspect, mean_files, merge_files, plan_files, plan_mean_files, shapes,
 };
+use burn_slerp::mergekit::{YamlResult, plan_yaml, yaml_files};
 use burn_slerp::{Granularity, MeanMethod, SlerpConfig, SphericalMean};
 use clap::{Parser, Subcommand, ValueEnum};
 

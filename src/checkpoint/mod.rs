@@ -29,7 +29,6 @@ use burn::tensor::{DType, Device};
 
 use crate::config::SlerpConfig;
 use crate::error::MergeError;
-pub use crate::mergekit::{YamlPlan, YamlResult, YamlTensor, plan_yaml, yaml_files};
 use crate::module::mean::{MeanStats, SphericalMean};
 use crate::report::{MergePlan, MergeReport, PlanEntry};
 use crate::schedule::Assignment;

@@ -18,9 +18,9 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use super::recipe::{
-    ModelEntry, Read, Recipe, Resolved, TValue, YamlPlan, YamlTensor, dtype_of, layer_index,
-    refused, resolve_value,
+use super::syntax::{
+    ModelEntry, Read, Recipe, Resolved, TValue, YamlTensor, dtype_of, layer_index, refused,
+    resolve_value,
 };
 use crate::checkpoint::plan::is_float;
 use crate::checkpoint::{Checkpoint, CheckpointError};
@@ -113,13 +113,22 @@ impl Single {
     }
 }
 
+/// A family recipe resolved: its output tensors with their weights, the warnings, the first
+/// two models' names, and what the file layer merges.
+pub(super) struct Resolution {
+    pub(super) tensors: Vec<YamlTensor>,
+    pub(super) warnings: Vec<String>,
+    pub(super) models: (String, String),
+    pub(super) family: Family,
+}
+
 /// Resolves a `nuslerp`, `multislerp` or `karcher` recipe against its models (opened to read
 /// their tensor names; nothing computed).
 pub(super) fn resolve_family(
     recipe: Recipe,
     method: Method,
     exact: bool,
-) -> Result<YamlPlan, CheckpointError> {
+) -> Result<Resolution, CheckpointError> {
     let name = method.name();
     if recipe.slices.is_some() {
         return Err(refused(format!(
@@ -372,18 +381,18 @@ pub(super) fn resolve_family(
     {
         return Err(refused(format!("`eps: {eps}` is not a finite number ≥ 0")));
     }
-    Ok(YamlPlan::family(
+    Ok(Resolution {
         tensors,
         warnings,
-        (
+        models: (
             others[0].model.clone(),
             others.get(1).map_or_else(String::new, |m| m.model.clone()),
         ),
-        Family {
+        family: Family {
             inputs,
             base: task_base,
             mean,
             out_dtype,
         },
-    ))
+    })
 }

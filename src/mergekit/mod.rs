@@ -8,5 +8,7 @@
 
 mod family;
 mod recipe;
+mod syntax;
 
-pub use recipe::{YamlPlan, YamlResult, YamlTensor, plan_yaml, yaml_files};
+pub use recipe::{YamlPlan, YamlResult, plan_yaml, yaml_files};
+pub use syntax::YamlTensor;
