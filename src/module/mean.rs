@@ -697,17 +697,10 @@ impl SphericalMean {
         weights: &[f64],
     ) -> Result<MeanPrepared, Refusal> {
         let numel = inputs.numel();
-        let stats = MeanStats {
-            path: String::new(),
-            numel,
-            branch: Branch::Slerp,
-            steps: 0,
-            residual: 0.0,
-        };
         if numel == 0 {
             return Ok(MeanPrepared {
                 plan: MeanPlan::Empty,
-                stats,
+                stats: MeanStats::before(numel),
             });
         }
         let (coefficients, stats) = self.coefficients(&inputs.gram(1)[0], numel, weights)?;
@@ -733,13 +726,7 @@ impl SphericalMean {
                     weights: weights.to_vec(),
                 },
                 // Replaced by what the coefficients give once the Gram matrix is read.
-                stats: MeanStats {
-                    path: String::new(),
-                    numel,
-                    branch: Branch::Slerp,
-                    steps: 0,
-                    residual: 0.0,
-                },
+                stats: MeanStats::before(numel),
             }),
             _ => self.prepare(inputs, weights),
         }
@@ -755,6 +742,20 @@ impl SphericalMean {
         let inputs = self.inputs(tensors, base, weights);
         let prepared = self.prepare(&inputs, weights)?;
         Ok(prepared.apply(inputs))
+    }
+}
+
+impl MeanStats {
+    /// The statistics of a tensor of `numel` elements before any coefficient is computed (an
+    /// empty tensor's, as it stays).
+    fn before(numel: usize) -> Self {
+        Self {
+            path: String::new(),
+            numel,
+            branch: Branch::Slerp,
+            steps: 0,
+            residual: 0.0,
+        }
     }
 }
 
