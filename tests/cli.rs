@@ -975,7 +975,11 @@ fn output_formats_and_their_errors() {
         assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
         assert!(stderr(&o).contains(needle), "{}", stderr(&o));
     };
-    fails(&a, &dir.join("out.pt"), "cannot tell the format from `.pt`");
+    fails(
+        &a,
+        &dir.join("out.pt"),
+        "`.pt` is a model file burn-slerp reads but does not write",
+    );
     fails(
         &a,
         &dir.join("absent").join("out.safetensors"),

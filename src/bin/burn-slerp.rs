@@ -27,8 +27,8 @@ use std::process::ExitCode;
 use burn::config::Config;
 use burn::tensor::Device;
 use burn_slerp::checkpoint::{
-    CheckpointError, FileMerge, OutDType, Pairing, Progress, TokenizerSource, compare_files,
-    inspect, mean_files, merge_files, plan_files, plan_mean_files, shapes,
+    CheckpointError, FileMerge, FilePlan, OutDType, Pairing, Progress, TokenizerSource,
+    compare_files, inspect, shapes,
 };
 use burn_slerp::mergekit::{YamlResult, plan_yaml, yaml_files};
 use burn_slerp::{Granularity, MeanMethod, SlerpConfig, SphericalMean};
@@ -295,15 +295,15 @@ mod interrupt {
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
 
-    #[cfg(target_os = "linux")]
+    #[cfg(unix)]
     static FLAG: std::sync::atomic::AtomicPtr<AtomicBool> =
         std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
 
     /// Whether the output may have been written to.
-    #[cfg(target_os = "linux")]
+    #[cfg(unix)]
     static WRITING: AtomicBool = AtomicBool::new(false);
 
-    #[cfg(target_os = "linux")]
+    #[cfg(unix)]
     extern "C" fn on_signal(signal: libc::c_int) {
         use std::sync::atomic::Ordering;
         if !WRITING.load(Ordering::SeqCst) {
@@ -321,14 +321,14 @@ mod interrupt {
 
     /// From now on a signal stops the merge at the next tensor instead of ending the process.
     pub(crate) fn writing() {
-        #[cfg(target_os = "linux")]
+        #[cfg(unix)]
         WRITING.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The flag the signals set, with the handlers installed.
     pub(crate) fn flag() -> Arc<AtomicBool> {
         let flag = Arc::new(AtomicBool::new(false));
-        #[cfg(target_os = "linux")]
+        #[cfg(unix)]
         {
             use std::sync::atomic::Ordering;
             let leaked = Arc::into_raw(Arc::clone(&flag)).cast_mut();
@@ -511,15 +511,16 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
             options.out_dtype = out_dtype_of(out_dtype);
             options.tokenizer_source = tokenizer_of(tokenizer_source);
             options.cancel = Some(cancel);
-            let plan = plan_mean_files(&inputs, &mean, &output, &options)?;
+            let plan = FilePlan::mean(&inputs, &mean, &output, &options)?;
             if dry_run {
+                let averaged = plan.averaged();
                 out!(
                     "{} float tensors averaged over {} checkpoints (weights {:?}):",
-                    plan.len(),
+                    averaged.len(),
                     inputs.len(),
                     mean.weights()
                 );
-                for (name, shape, dtype) in &plan {
+                for (name, shape, dtype) in &averaged {
                     out!("{name}  {dtype}  {shape:?}");
                 }
                 return Ok(());
@@ -527,11 +528,11 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
             let started = std::time::Instant::now();
             let (progress, bar) = progress_reporter(plan.len(), quiet);
             interrupt::writing();
-            let result = mean_files(&inputs, &mean, &output, &options, progress);
+            let result = plan.write(progress);
             if let Some(bar) = &bar {
                 bar.finish_and_clear();
             }
-            let stats = result?;
+            let stats = result?.means;
             if let Some(path) = report {
                 let json = serde_json::to_string_pretty(&stats).expect("statistics serialise");
                 std::fs::write(&path, json + "\n")
@@ -636,22 +637,22 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
             options.cancel = Some(cancel);
             options.base = base;
             options.tokenizer_source = tokenizer_of(tokenizer_source);
-            let plan = plan_files(&a, &b, &output, &options)?;
+            let plan = FilePlan::merge(&a, &b, &output, &options)?;
             if dry_run {
-                print(format_args!("{plan}"))?;
+                print(format_args!("{}", plan.summary()))?;
                 return Ok(());
             }
-            for w in &plan.warnings {
+            for w in plan.warnings() {
                 note!("warning: {w}");
             }
             let started = std::time::Instant::now();
-            let (progress, bar) = progress_reporter(plan.entries.len(), quiet);
+            let (progress, bar) = progress_reporter(plan.len(), quiet);
             interrupt::writing();
-            let result = merge_files(&a, &b, &output, &options, progress);
+            let result = plan.write(progress);
             if let Some(bar) = &bar {
                 bar.finish_and_clear();
             }
-            let result = result?;
+            let result = result?.report;
             if let Some(path) = report {
                 std::fs::write(&path, result.to_json())
                     .map_err(|e| Failure(format!("{}: {e}", path.display()), 1))?;

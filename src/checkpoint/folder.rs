@@ -10,6 +10,7 @@ use burn::tensor::DType;
 
 use super::error::CheckpointError;
 use super::options::{FileMerge, TokenizerSource};
+use super::plan::Card;
 
 /// The tokenizer's files, whichever exist; `additional_chat_templates` is a folder.
 const TOKENIZER_FILES: [&str; 11] = [
@@ -152,7 +153,13 @@ fn with_layers(text: &str, layers: &[usize], path: &Path) -> Result<String, Chec
 }
 
 /// The model card: the inputs, the method and the recipe.
-fn card(names: &[String], method: &str, options: &FileMerge, recipe: &str) -> String {
+fn model_card(
+    names: &[String],
+    base: Option<&str>,
+    method: &str,
+    options: &FileMerge,
+    recipe: &str,
+) -> String {
     let inputs: String = names
         .iter()
         .enumerate()
@@ -162,10 +169,8 @@ fn card(names: &[String], method: &str, options: &FileMerge, recipe: &str) -> St
             _ => format!("- `{name}`\n"),
         })
         .collect();
-    let base = options
-        .base
-        .as_ref()
-        .map(|p| format!("- base: `{}`\n", p.display()))
+    let base = base
+        .map(|name| format!("- base: `{name}`\n"))
         .unwrap_or_default();
     let tokenizer = match options.tokenizer_source {
         TokenizerSource::A => "the first input's",
@@ -186,18 +191,15 @@ fn card(names: &[String], method: &str, options: &FileMerge, recipe: &str) -> St
 /// code files its `auto_map` names, the tokenizer files of `options.tokenizer_source`, and
 /// `README.md`. `a_folder`/`b_folder` are the first two inputs' model folders; `names` how the
 /// inputs were given, `method` and `recipe` what the card says was done.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn write_model_files(
     dir: &Path,
     a_folder: Option<&Path>,
     b_folder: Option<&Path>,
     out_dtype: Option<DType>,
     options: &FileMerge,
-    names: &[String],
-    method: &str,
-    recipe: &str,
-    layers: Option<&[usize]>,
+    card: &Card,
 ) -> Result<(), CheckpointError> {
+    let layers = card.layers.as_deref();
     let Some(model) = a_folder.or(b_folder) else {
         return Ok(());
     };
@@ -239,7 +241,17 @@ pub(super) fn write_model_files(
         }
     }
     let to = dir.join("README.md");
-    std::fs::write(&to, card(names, method, options, recipe)).map_err(io(&to))
+    std::fs::write(
+        &to,
+        model_card(
+            &card.names,
+            card.base.as_deref(),
+            card.method,
+            options,
+            &card.recipe,
+        ),
+    )
+    .map_err(io(&to))
 }
 
 #[cfg(test)]

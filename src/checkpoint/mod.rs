@@ -12,83 +12,35 @@
 //! format) is made before the first byte is written; the output goes to a temporary file (or
 //! folder) beside the target and is renamed into place only once complete and finite.
 
+mod compute;
 mod convert;
+mod durable;
 mod error;
 mod folder;
+mod formats;
 mod hub;
 mod options;
 pub(crate) mod plan;
 mod read;
-pub(crate) mod renamed;
 mod write;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Device};
 
 use crate::config::SlerpConfig;
-use crate::error::MergeError;
 use crate::module::mean::{MeanStats, SphericalMean};
-use crate::report::{MergePlan, MergeReport, PlanEntry};
+use crate::report::{MergePlan, MergeReport};
 use crate::schedule::Assignment;
 pub use error::CheckpointError;
 pub use options::{FileMerge, OutDType, Pairing, Progress, TokenizerSource};
-pub use plan::output_format;
-use plan::{Origin, OutputTensor, Plan, is_float};
+pub use plan::{FilePlan, Written, output_format};
+use plan::{Op, OutputTensor, Source, is_float};
 pub use read::{Checkpoint, Format};
 
-/// Opens both inputs and checks the output path: nothing written yet.
-fn open_pair(
-    a: &Path,
-    b: &Path,
-    out: Option<&Path>,
-) -> Result<(Checkpoint, Checkpoint), CheckpointError> {
-    let (ca, cb) = (Checkpoint::open(a)?, Checkpoint::open(b)?);
-    if let Some(out) = out {
-        for file in ca.files().iter().chain(cb.files().iter()) {
-            if write::same_file(file, out) {
-                return Err(CheckpointError::OverwritesInput {
-                    path: out.to_path_buf(),
-                });
-            }
-        }
-    }
-    Ok((ca, cb))
-}
-
-/// Every check before the first byte: the output's format and path, both inputs, and the
-/// pairing; what [`plan_files`] prints and [`merge_files`] writes.
-fn checked(
-    a: &Path,
-    b: &Path,
-    out: &Path,
-    options: &FileMerge,
-) -> Result<(write::Inputs, Format, Plan), CheckpointError> {
-    options.check_cancel()?;
-    let output = output_format(out)?;
-    let (ca, cb) = open_pair(a, b, Some(out))?;
-    let base = match &options.base {
-        Some(base) => {
-            let cbase = Checkpoint::open(base)?;
-            if cbase.files().iter().any(|f| write::same_file(f, out)) {
-                return Err(CheckpointError::OverwritesInput {
-                    path: out.to_path_buf(),
-                });
-            }
-            Some(cbase)
-        }
-        None => None,
-    };
-    write::check_output(out, output)?;
-    let plan = plan::plan(&ca, &cb, options, output)?;
-    if let Some(base) = &base {
-        plan::check_extra(&plan, base, "the base")?;
-    }
-    Ok(((ca, cb, base), output, plan))
-}
-
-/// The dry run of [`merge_files`]: every check, and what each merged tensor would get.
+/// The dry run of [`merge_files`]: every check, and what each merged tensor would get
+/// ([`FilePlan::merge`] and [`FilePlan::summary`]).
 ///
 /// # Errors
 ///
@@ -100,32 +52,11 @@ pub fn plan_files(
     out: &Path,
     options: &FileMerge,
 ) -> Result<MergePlan, CheckpointError> {
-    let (_, _, plan) = checked(a, b, out, options)?;
-    let entries = plan
-        .tensors
-        .into_iter()
-        .filter_map(|tensor| match tensor.origin {
-            Origin::Merge(Assignment { t, rule, position }) => Some(PlanEntry {
-                path: tensor.name,
-                shape: tensor.shape,
-                dtype: Some(convert::label(tensor.dtype)),
-                t,
-                rule,
-                position,
-                granularity: options.config.granularity,
-                method: options.config.method,
-            }),
-            Origin::CopyA | Origin::CopyB => None,
-        })
-        .collect();
-    Ok(MergePlan {
-        entries,
-        warnings: plan.warnings,
-    })
+    Ok(FilePlan::merge(a, b, out, options)?.summary())
 }
 
 /// Merges two checkpoints into `out`, one tensor at a time; the format of `out` follows its
-/// path (see [`output_format`]).
+/// path (see [`output_format`]). [`FilePlan::merge`] then [`FilePlan::write`].
 ///
 /// `progress` is called after each tensor is written, merged or copied. Returns the report of
 /// the merged tensors, in A's order. A tensor whose factor is 0 or 1 is A's or B's, copied (and
@@ -142,51 +73,7 @@ pub fn merge_files(
     options: &FileMerge,
     progress: impl FnMut(Progress<'_>) + Send + 'static,
 ) -> Result<MergeReport, CheckpointError> {
-    let (inputs, output, plan) = checked(a, b, out, options)?;
-    let job = write::Job {
-        inputs,
-        names: vec![a.display().to_string(), b.display().to_string()],
-        mean: None,
-        renames: HashMap::new(),
-        input_dtype: None,
-        layers: None,
-    };
-    let (report, _) = write::write(job, plan.tensors, out, output, options, Box::new(progress))?;
-    Ok(report)
-}
-
-/// Every check of [`mean_files`] before the first byte: the output, every input, the pairing
-/// of each with the first, and one weight per input.
-fn checked_mean(
-    inputs: &[PathBuf],
-    mean: &SphericalMean,
-    out: &Path,
-    options: &FileMerge,
-) -> Result<(write::Inputs, Vec<Checkpoint>, Format, Plan), CheckpointError> {
-    if inputs.len() < 2 || mean.weights().len() != inputs.len() {
-        return Err(CheckpointError::Merge(MergeError::InvalidWeights {
-            reason: format!(
-                "{} weights for {} checkpoints (one weight per checkpoint, at least two)",
-                mean.weights().len(),
-                inputs.len()
-            ),
-        }));
-    }
-    mean.validate(inputs.len())
-        .map_err(CheckpointError::Merge)?;
-    let (first, output, plan) = checked(&inputs[0], &inputs[1], out, options)?;
-    let mut rest = Vec::with_capacity(inputs.len() - 2);
-    for (i, path) in inputs.iter().enumerate().skip(2) {
-        let input = Checkpoint::open(path)?;
-        if input.files().iter().any(|f| write::same_file(f, out)) {
-            return Err(CheckpointError::OverwritesInput {
-                path: out.to_path_buf(),
-            });
-        }
-        plan::check_extra(&plan, &input, &format!("input {}", i + 1))?;
-        rest.push(input);
-    }
-    Ok((first, rest, output, plan))
+    Ok(FilePlan::merge(a, b, out, options)?.write(progress)?.report)
 }
 
 /// The dry run of [`mean_files`]: every check, and the tensors it would average.
@@ -200,13 +87,7 @@ pub fn plan_mean_files(
     out: &Path,
     options: &FileMerge,
 ) -> Result<Vec<(String, Vec<usize>, String)>, CheckpointError> {
-    let (_, _, _, plan) = checked_mean(inputs, mean, out, options)?;
-    Ok(plan
-        .tensors
-        .into_iter()
-        .filter(|t| matches!(t.origin, Origin::Merge(_)))
-        .map(|t| (t.name, t.shape, convert::label(t.dtype)))
-        .collect())
+    Ok(FilePlan::mean(inputs, mean, out, options)?.averaged())
 }
 
 /// The weighted spherical mean ([`SphericalMean`]) of two or more checkpoints into `out`, one
@@ -219,9 +100,10 @@ pub fn plan_mean_files(
 ///
 /// # Errors
 ///
-/// As [`merge_files`]; [`CheckpointError::Merge`] with [`MergeError::InvalidWeights`] unless
-/// there is one weight per input; [`CheckpointError::Format`] naming an input beyond the second
-/// that lacks a tensor the first two average, or has another shape.
+/// As [`merge_files`]; [`CheckpointError::Merge`] with
+/// [`MergeError::InvalidWeights`](crate::MergeError::InvalidWeights) unless there is one
+/// weight per input; [`CheckpointError::Format`] naming an input beyond the second that lacks
+/// a tensor the first two average, or has another shape.
 pub fn mean_files(
     inputs: &[PathBuf],
     mean: &SphericalMean,
@@ -229,17 +111,9 @@ pub fn mean_files(
     options: &FileMerge,
     progress: impl FnMut(Progress<'_>) + Send + 'static,
 ) -> Result<Vec<MeanStats>, CheckpointError> {
-    let (first, rest, output, plan) = checked_mean(inputs, mean, out, options)?;
-    let job = write::Job {
-        inputs: first,
-        names: inputs.iter().map(|p| p.display().to_string()).collect(),
-        mean: Some((mean.clone(), rest)),
-        renames: HashMap::new(),
-        input_dtype: None,
-        layers: None,
-    };
-    let (_, stats) = write::write(job, plan.tensors, out, output, options, Box::new(progress))?;
-    Ok(stats)
+    Ok(FilePlan::mean(inputs, mean, out, options)?
+        .write(progress)?
+        .means)
 }
 
 /// The angles between two checkpoints: the statistics of every float tensor present in both
@@ -251,7 +125,8 @@ pub fn mean_files(
 /// [`CheckpointError::Io`] or [`CheckpointError::Format`]; [`CheckpointError::NonFinite`] for a
 /// NaN or an infinity.
 pub fn compare_files(a: &Path, b: &Path, device: &Device) -> Result<MergeReport, CheckpointError> {
-    let (ca, cb) = open_pair(a, b, None)?;
+    let (ca, cb) = (Checkpoint::open(a)?, Checkpoint::open(b)?);
+    let config = SlerpConfig::new(0.5);
     let tensors: Vec<OutputTensor> = ca
         .entries()
         .iter()
@@ -268,22 +143,33 @@ pub fn compare_files(a: &Path, b: &Path, device: &Device) -> Result<MergeReport,
             index,
             dtype: DType::F32,
             shape: ea.shape.clone(),
-            origin: Origin::Merge(Assignment {
-                t: 0.5,
-                rule: None,
-                position: 0.0,
-            }),
+            op: Op::Slerp {
+                a: Source::new(0, &ea.name),
+                b: Source::new(1, &ea.name),
+                base: None,
+                config: config.clone(),
+                assignment: Assignment {
+                    t: 0.5,
+                    rule: None,
+                    position: 0.0,
+                },
+                round: None,
+            },
             param_id: None,
             shard: 0,
             byte_len: 0,
         })
         .collect();
-    write::angles(
-        ca,
-        cb,
-        &tensors,
-        FileMerge::new(SlerpConfig::new(0.5), device.clone()),
-    )
+    let run = compute::Run::new(
+        vec![ca, cb],
+        FileMerge::new(config, device.clone()),
+        tensors.len(),
+        Box::new(|_| {}),
+    );
+    for tensor in &tensors {
+        run.compute(tensor)?;
+    }
+    Ok(run.report())
 }
 
 /// `(name, dtype, shape)` of every tensor of a checkpoint, in file order.

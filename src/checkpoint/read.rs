@@ -14,14 +14,15 @@ use std::io::Read;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 
-use burn::store::burn_pack::{self, Bytes, Reader, Scalar};
-use burn::store::{ModuleStore, PytorchStore};
+use burn::store::burn_pack::{self, Bytes, Scalar};
 use burn::tensor::DType;
-use memmap2::Mmap;
-use safetensors::tensor::{Metadata, SafeTensors};
 
-use super::convert::{from_safetensors, label};
+use super::convert::label;
 use super::error::CheckpointError;
+use super::formats::{
+    BURNPACK_MAGIC, ShardInfo, Storage, open_burnpack, open_pytorch, open_pytorch_sharded,
+    open_safetensors, open_sharded,
+};
 
 /// The index file of a Hugging Face sharded checkpoint.
 pub(crate) const INDEX: &str = "model.safetensors.index.json";
@@ -66,7 +67,7 @@ pub(crate) struct Entry {
 
 impl Entry {
     /// The entry of a tensor burn-store's readers rebuilt (burnpack or PyTorch).
-    fn of(t: &burn_pack::Tensor, shard: usize, param_id: Option<u64>) -> Self {
+    pub(super) fn of(t: &burn_pack::Tensor, shard: usize, param_id: Option<u64>) -> Self {
         Entry {
             name: t.name.clone(),
             dtype: Some(t.dtype),
@@ -79,36 +80,6 @@ impl Entry {
     }
 }
 
-/// One memory-mapped, validated safetensors file.
-struct Shard {
-    /// The file name, as the index names it.
-    file: String,
-    map: Mmap,
-    header: usize,
-    metadata: Metadata,
-}
-
-enum Storage {
-    Safetensors {
-        shards: Vec<Shard>,
-        /// The `metadata` object of the index file.
-        index_metadata: serde_json::Map<String, serde_json::Value>,
-    },
-    Burnpack {
-        /// In the order of the entries.
-        tensors: Vec<burn_pack::Tensor>,
-        metadata: BTreeMap<String, String>,
-        scalars: BTreeMap<String, Scalar>,
-    },
-    /// Tensors rebuilt by burn-store's PyTorch reader, each read when it is needed.
-    Pytorch {
-        /// In the order of the entries.
-        tensors: Vec<burn_pack::Tensor>,
-        /// The shard files, as the index names them (one for a single file).
-        files: Vec<String>,
-    },
-}
-
 /// A checkpoint opened for merging: a `.safetensors` file, a Hugging Face sharded checkpoint (a
 /// folder with `model.safetensors.index.json`, or that index file) or a `.bpk` burnpack file.
 pub struct Checkpoint {
@@ -118,7 +89,7 @@ pub struct Checkpoint {
     format: Format,
     entries: Vec<Entry>,
     by_name: HashMap<String, usize>,
-    storage: Storage,
+    storage: Box<dyn Storage>,
 }
 
 /// A tensor's bytes: borrowed from a memory map, or read from a burnpack file.
@@ -138,9 +109,6 @@ impl Deref for Data<'_> {
     }
 }
 
-/// The first four bytes of every burnpack file ("BURN", little-endian).
-const BURNPACK_MAGIC: [u8; 4] = burn_pack::MAGIC_NUMBER.to_le_bytes();
-
 fn io(path: &Path) -> impl Fn(std::io::Error) -> CheckpointError + '_ {
     move |source| CheckpointError::Io {
         path: path.to_path_buf(),
@@ -152,53 +120,6 @@ fn format_error(path: &Path, message: impl Into<String>) -> CheckpointError {
     CheckpointError::Format {
         path: path.to_path_buf(),
         message: message.into(),
-    }
-}
-
-impl Shard {
-    fn open(path: &Path, file: String) -> Result<Self, CheckpointError> {
-        let handle = File::open(path).map_err(io(path))?;
-        // SAFETY: the map is read-only and lives as long as this value; a file truncated by
-        // another process while mapped would fault, as for any reader of a mapped file.
-        let map = unsafe { Mmap::map(&handle) }.map_err(io(path))?;
-        let invalid = |e: safetensors::SafeTensorError| {
-            format_error(path, format!("not a valid safetensors file: {e}"))
-        };
-        let (header, metadata) = SafeTensors::read_metadata(&map).map_err(invalid)?;
-        // The whole file is checked once here (every offset inside the data section).
-        SafeTensors::deserialize(&map).map_err(invalid)?;
-        Ok(Self {
-            file,
-            map,
-            header,
-            metadata,
-        })
-    }
-
-    fn bytes(&self, name: &str) -> &[u8] {
-        let info = self.metadata.info(name).expect("a validated name");
-        let start = 8 + self.header;
-        &self.map[start + info.data_offsets.0..start + info.data_offsets.1]
-    }
-
-    fn entries(&self, shard: usize, keep: impl Fn(&str) -> bool) -> Vec<Entry> {
-        self.metadata
-            .offset_keys()
-            .into_iter()
-            .filter(|name| keep(name))
-            .map(|name| {
-                let info = self.metadata.info(&name).expect("listed");
-                Entry {
-                    dtype: from_safetensors(info.dtype),
-                    label: format!("{:?}", info.dtype),
-                    shape: info.shape.clone(),
-                    shard,
-                    param_id: None,
-                    bytes: info.data_offsets.1 - info.data_offsets.0,
-                    name,
-                }
-            })
-            .collect()
     }
 }
 
@@ -237,31 +158,23 @@ impl Checkpoint {
         Self::open_file(path)
     }
 
+    /// Which reader opens a file: the one place the opening rules are written.
     fn open_file(path: &Path) -> Result<Self, CheckpointError> {
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         if name.ends_with(".bin.index.json") {
-            return Self::open_pytorch_sharded(path);
+            return open_pytorch_sharded(path);
         }
         if name.ends_with(".index.json") {
-            return Self::open_sharded(path, path);
+            return open_sharded(path, path);
         }
         if path
             .extension()
             .is_some_and(|e| e == "bin" || e == "pt" || e == "pth")
         {
-            let (tensors, entries) = read_pytorch(path, 0, |_| true)?;
-            return Ok(Self::new(
-                path,
-                Format::Pytorch,
-                entries,
-                Storage::Pytorch {
-                    tensors,
-                    files: vec![name],
-                },
-            ));
+            return open_pytorch(path, name);
         }
         let mut magic = [0u8; 4];
         let is_burnpack = path.extension().is_some_and(|e| e == "bpk")
@@ -269,93 +182,17 @@ impl Checkpoint {
                 .and_then(|mut f| f.read_exact(&mut magic))
                 .is_ok_and(|()| magic == BURNPACK_MAGIC);
         if is_burnpack {
-            return Self::open_burnpack(path);
+            return open_burnpack(path);
         }
-        let shard = Shard::open(path, name)?;
-        let entries = shard.entries(0, |_| true);
-        Ok(Self::new(
-            path,
-            Format::Safetensors,
-            entries,
-            Storage::Safetensors {
-                shards: vec![shard],
-                index_metadata: Default::default(),
-            },
-        ))
+        open_safetensors(path, name)
     }
 
-    fn open_pytorch_sharded(index: &Path) -> Result<Self, CheckpointError> {
-        let (files, wanted, _) = read_index(index)?;
-        let dir = index.parent().unwrap_or(Path::new("."));
-        let (mut tensors, mut entries) = (Vec::new(), Vec::new());
-        for (i, file) in files.iter().enumerate() {
-            let (t, e) = read_pytorch(&dir.join(file), i, |name| {
-                wanted.get(name).is_some_and(|f| f == file)
-            })?;
-            tensors.extend(t);
-            entries.extend(e);
-        }
-        missing_from_shards(index, &entries, &wanted)?;
-        Ok(Self::new(
-            index,
-            Format::Pytorch,
-            entries,
-            Storage::Pytorch { tensors, files },
-        ))
-    }
-
-    fn open_sharded(path: &Path, index: &Path) -> Result<Self, CheckpointError> {
-        let (files, wanted, index_metadata) = read_index(index)?;
-        let dir = index.parent().unwrap_or(Path::new("."));
-        let mut shards = Vec::with_capacity(files.len());
-        let mut entries = Vec::new();
-        for (i, file) in files.iter().enumerate() {
-            let shard = Shard::open(&dir.join(file), file.clone())?;
-            entries.extend(shard.entries(i, |name| wanted.get(name).is_some_and(|f| f == file)));
-            shards.push(shard);
-        }
-        missing_from_shards(index, &entries, &wanted)?;
-        Ok(Self::new(
-            path,
-            Format::Sharded,
-            entries,
-            Storage::Safetensors {
-                shards,
-                index_metadata,
-            },
-        ))
-    }
-
-    fn open_burnpack(path: &Path) -> Result<Self, CheckpointError> {
-        let invalid = |e: burn_pack::Error| match e {
-            burn_pack::Error::IoError(message) => CheckpointError::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::other(message),
-            },
-            other => format_error(path, format!("not a valid burnpack file: {other}")),
-        };
-        // The exact path: no extension is guessed, so the message names the file given.
-        let reader = Reader::from_file_exact(path).map_err(invalid)?;
-        let metadata = reader.metadata().clone();
-        let scalars = reader.scalars().clone();
-        let tensors = reader.into_tensors().map_err(invalid)?;
-        let entries = tensors
-            .iter()
-            .map(|t| Entry::of(t, 0, t.param_id))
-            .collect();
-        Ok(Self::new(
-            path,
-            Format::Burnpack,
-            entries,
-            Storage::Burnpack {
-                tensors,
-                metadata,
-                scalars,
-            },
-        ))
-    }
-
-    fn new(path: &Path, format: Format, entries: Vec<Entry>, storage: Storage) -> Self {
+    pub(super) fn new(
+        path: &Path,
+        format: Format,
+        entries: Vec<Entry>,
+        storage: Box<dyn Storage>,
+    ) -> Self {
         let by_name = entries
             .iter()
             .enumerate()
@@ -401,14 +238,7 @@ impl Checkpoint {
     /// Key/value metadata: a safetensors file's `__metadata__` (the first shard's), or a
     /// burnpack file's metadata.
     pub fn metadata(&self) -> HashMap<String, String> {
-        match &self.storage {
-            Storage::Safetensors { shards, .. } => shards
-                .first()
-                .and_then(|s| s.metadata.metadata().clone())
-                .unwrap_or_default(),
-            Storage::Burnpack { metadata, .. } => metadata.clone().into_iter().collect(),
-            Storage::Pytorch { .. } => HashMap::new(),
-        }
+        self.storage.metadata()
     }
 
     pub(crate) fn entries(&self) -> &[Entry] {
@@ -420,93 +250,46 @@ impl Checkpoint {
     }
 
     /// The shards' file names and `__metadata__` (one unnamed shard for other formats).
-    pub(crate) fn shards(&self) -> Vec<(String, Option<HashMap<String, String>>)> {
-        match &self.storage {
-            Storage::Safetensors { shards, .. } => shards
-                .iter()
-                .map(|s| (s.file.clone(), s.metadata.metadata().clone()))
-                .collect(),
-            Storage::Burnpack { .. } => vec![(String::new(), Some(self.metadata()))],
-            // Written as safetensors: `pytorch_model-00001-of-00002.bin` becomes
-            // `model-00001-of-00002.safetensors`.
-            Storage::Pytorch { files, .. } if files.len() > 1 => files
-                .iter()
-                .map(|f| {
-                    let stem = f.strip_suffix(".bin").unwrap_or(f);
-                    let stem = stem.strip_prefix("pytorch_").unwrap_or(stem);
-                    (format!("{stem}.safetensors"), None)
-                })
-                .collect(),
-            Storage::Pytorch { .. } => vec![(String::new(), None)],
-        }
+    pub(crate) fn shards(&self) -> Vec<ShardInfo> {
+        self.storage.shards()
     }
 
     /// The `metadata` object of a sharded checkpoint's index file.
     pub(crate) fn index_metadata(&self) -> serde_json::Map<String, serde_json::Value> {
-        match &self.storage {
-            Storage::Safetensors { index_metadata, .. } => index_metadata.clone(),
-            Storage::Burnpack { .. } | Storage::Pytorch { .. } => Default::default(),
-        }
+        self.storage.index_metadata()
     }
 
     /// A burnpack file's typed scalars.
     pub(crate) fn scalars(&self) -> BTreeMap<String, Scalar> {
-        match &self.storage {
-            Storage::Burnpack { scalars, .. } => scalars.clone(),
-            Storage::Safetensors { .. } | Storage::Pytorch { .. } => BTreeMap::new(),
-        }
+        self.storage.scalars()
     }
 
-    /// Every file the checkpoint is made of.
+    /// Every file the checkpoint is made of (and its model folder).
     pub(crate) fn files(&self) -> Vec<PathBuf> {
-        let mut files = self.weight_files();
+        let mut files = self.storage.files(&self.path);
         files.extend(self.folder.clone());
         files
     }
 
-    fn weight_files(&self) -> Vec<PathBuf> {
-        let dir = self.path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        match (&self.storage, self.format) {
-            (Storage::Pytorch { files, .. }, _) if files.len() > 1 => {
-                let mut all: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
-                all.push(self.path.clone());
-                all
-            }
-            (Storage::Safetensors { shards, .. }, Format::Sharded) => {
-                let dir = if self.path.is_dir() {
-                    self.path.clone()
-                } else {
-                    self.path.parent().unwrap_or(Path::new(".")).to_path_buf()
-                };
-                let mut files: Vec<PathBuf> = shards.iter().map(|s| dir.join(&s.file)).collect();
-                files.push(dir.join(INDEX));
-                files.push(dir);
-                files
-            }
-            _ => vec![self.path.clone()],
-        }
-    }
-
     /// A tensor's bytes (little-endian, as stored).
     pub(crate) fn bytes(&self, name: &str) -> Result<Data<'_>, CheckpointError> {
-        let i = self.by_name[name];
-        match &self.storage {
-            Storage::Safetensors { shards, .. } => {
-                Ok(Data::Mapped(shards[self.entries[i].shard].bytes(name)))
-            }
-            Storage::Burnpack { tensors, .. } | Storage::Pytorch { tensors, .. } => {
-                tensors[i].to_bytes().map(Data::Read).map_err(|e| {
-                    format_error(&self.path, format!("tensor `{name}` cannot be read: {e}"))
-                })
-            }
-        }
+        let found = self.by_name.get(name).map(|&i| (i, &self.entries[i]));
+        let Some((index, entry)) = found else {
+            return Err(format_error(
+                &self.path,
+                format!("tensor `{name}` is not in this checkpoint"),
+            ));
+        };
+        self.storage
+            .bytes(index, entry)
+            .map_err(|e| format_error(&self.path, format!("tensor `{name}` cannot be read: {e}")))
     }
 }
 
 /// The shard files an index names, in first-mention order, each tensor's file, and the index's
 /// `metadata` object.
 #[allow(clippy::type_complexity)]
-fn read_index(
+pub(super) fn read_index(
     index: &Path,
 ) -> Result<
     (
@@ -549,7 +332,7 @@ fn read_index(
 }
 
 /// An error naming every tensor the index names that its shard does not hold.
-fn missing_from_shards(
+pub(super) fn missing_from_shards(
     index: &Path,
     entries: &[Entry],
     wanted: &HashMap<String, String>,
@@ -571,30 +354,4 @@ fn missing_from_shards(
             lost.join(", ")
         ),
     ))
-}
-
-/// The tensors of one PyTorch file that `keep` keeps (sorted by name), with their entries in
-/// shard `shard`: names and layouts as stored (no index renumbering, no transposition).
-fn read_pytorch(
-    path: &Path,
-    shard: usize,
-    keep: impl Fn(&str) -> bool,
-) -> Result<(Vec<burn_pack::Tensor>, Vec<Entry>), CheckpointError> {
-    if !path.is_file() {
-        return Err(CheckpointError::Io {
-            path: path.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-        });
-    }
-    let mut store = PytorchStore::from_file(path).map_indices_contiguous(false);
-    let all = store
-        .get_all_tensors()
-        .map_err(|e| format_error(path, format!("not a readable PyTorch checkpoint: {e}")))?;
-    let tensors: Vec<burn_pack::Tensor> = all
-        .iter()
-        .filter(|(name, _)| keep(name))
-        .map(|(_, t)| t.clone())
-        .collect();
-    let entries = tensors.iter().map(|t| Entry::of(t, shard, None)).collect();
-    Ok((tensors, entries))
 }

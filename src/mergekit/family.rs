@@ -16,7 +16,6 @@
 //!   and `base_model` appended as one more input of equal weight.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use super::syntax::{
     ModelEntry, Read, Recipe, Resolved, TValue, YamlTensor, dtype_of, layer_index, refused,
@@ -65,8 +64,10 @@ impl Method {
 /// What a family recipe merges: the inputs in order, the base of the task vectors (nuslerp and
 /// multislerp), and the mean with every tensor's weights.
 pub(super) struct Family {
-    pub(super) inputs: Vec<PathBuf>,
-    pub(super) base: Option<PathBuf>,
+    /// The inputs, opened once, and as the recipe names them.
+    pub(super) inputs: Vec<Checkpoint>,
+    pub(super) names: Vec<String>,
+    pub(super) base: Option<(Checkpoint, String)>,
     pub(super) mean: SphericalMean,
     /// `out_dtype`: the output's dtype (the first model's by default).
     pub(super) out_dtype: Option<burn::tensor::DType>,
@@ -362,13 +363,20 @@ pub(super) fn resolve_family(
             }
         }
     };
-    let mut inputs: Vec<PathBuf> = others.iter().map(|m| PathBuf::from(&m.model)).collect();
-    let task_base = match method {
-        Method::Karcher => {
-            inputs.extend(base.iter().map(PathBuf::from));
+    let open = |name: &String| Checkpoint::open(std::path::Path::new(name));
+    let mut names: Vec<String> = others.iter().map(|m| m.model.clone()).collect();
+    let mut inputs = vec![first];
+    for name in &names[1..] {
+        inputs.push(open(name)?);
+    }
+    let task_base = match (method, &base) {
+        (Method::Karcher, Some(base)) => {
+            inputs.push(open(base)?);
+            names.push(base.clone());
             None
         }
-        _ => base.as_ref().map(PathBuf::from),
+        (_, Some(base)) => Some((open(base)?, base.clone())),
+        (_, None) => None,
     };
     let mean = SphericalMean::new(vec![1.0; inputs.len()])
         .map_err(CheckpointError::Merge)?
@@ -390,6 +398,7 @@ pub(super) fn resolve_family(
         ),
         family: Family {
             inputs,
+            names,
             base: task_base,
             mean,
             out_dtype,

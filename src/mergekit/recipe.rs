@@ -18,9 +18,9 @@ use super::syntax::{
     renumber, resolve,
 };
 use crate::checkpoint::plan::is_float;
-use crate::checkpoint::renamed::{self, Listed, Renamed};
+use crate::checkpoint::plan::{Listed, Listing, check_listed};
 use crate::checkpoint::{
-    Checkpoint, CheckpointError, FileMerge, OutDType, Progress, TokenizerSource, mean_files,
+    Checkpoint, CheckpointError, FileMerge, FilePlan, OutDType, Progress, TokenizerSource,
 };
 use crate::config::{Granularity, SlerpConfig, ZeroNorm};
 use crate::module::mean::MeanStats;
@@ -77,14 +77,9 @@ impl YamlPlan {
 impl std::fmt::Display for YamlPlan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if let Some(family) = &self.family {
-            let inputs: Vec<String> = family
-                .inputs
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect();
-            writeln!(f, "inputs: {}", inputs.join(", "))?;
-            if let Some(base) = &family.base {
-                writeln!(f, "base of the task vectors: {}", base.display())?;
+            writeln!(f, "inputs: {}", family.names.join(", "))?;
+            if let Some((_, base)) = &family.base {
+                writeln!(f, "base of the task vectors: {base}")?;
             }
             for t in &self.tensors {
                 let matched = if t.matched.is_empty() {
@@ -492,7 +487,7 @@ fn resolve_recipe(recipe: Recipe, exact: bool) -> Result<YamlPlan, CheckpointErr
     tensors.extend(after);
     // B holds every source, of A's shape and a float dtype where A's is.
     // The checks of every file merge, before anything is planned.
-    renamed::check(&a, &b, &listed(&tensors))?;
+    check_listed(&a, &b, &listed(&tensors))?;
     let identity = layers.len() == la && layers.iter().enumerate().all(|(i, l)| i == *l);
     Ok(YamlPlan {
         tensors,
@@ -537,12 +532,14 @@ pub enum YamlResult {
 
 /// Merges what `plan` resolved into `out` (a folder for a model folder, or a `.safetensors` /
 /// `.bpk` file), on `device`, one tensor at a time, as
-/// [`merge_files`](crate::checkpoint::merge_files) and [`mean_files`] do (atomic output, the
+/// [`merge_files`](crate::checkpoint::merge_files) and
+/// [`mean_files`](crate::checkpoint::mean_files) do (atomic output, the
 /// model files of a model folder).
 ///
 /// # Errors
 ///
-/// As [`merge_files`](crate::checkpoint::merge_files) and [`mean_files`].
+/// As [`merge_files`](crate::checkpoint::merge_files) and
+/// [`mean_files`](crate::checkpoint::mean_files).
 pub fn yaml_files(
     mut plan: YamlPlan,
     out: &Path,
@@ -552,12 +549,17 @@ pub fn yaml_files(
 ) -> Result<YamlResult, CheckpointError> {
     if let Some(family) = plan.family.take() {
         let mut options = FileMerge::new(config(plan.exact), device);
-        options.base = family.base;
         options.out_dtype = family.out_dtype.map(out_dtype);
         options.cancel = cancel;
-        options.check_cancel()?;
-        let stats = mean_files(&family.inputs, &family.mean, out, &options, progress)?;
-        return Ok(YamlResult::Mean(stats));
+        let Family {
+            inputs,
+            names,
+            base,
+            mean,
+            ..
+        } = family;
+        let planned = FilePlan::mean_of(inputs, names, base, &mean, out, &options)?;
+        return Ok(YamlResult::Mean(planned.write(progress)?.means));
     }
     slerp_files(plan, out, device, cancel, progress).map(YamlResult::Slerp)
 }
@@ -600,13 +602,15 @@ fn slerp_files(
     options.out_dtype = plan.out_dtype.map(out_dtype);
     options.tokenizer_source = plan.tokenizer_source;
     options.cancel = cancel;
-    let merge = Renamed {
+    let merge = Listing {
         a,
         b,
         names: plan.models.clone(),
         tensors: listed(&plan.tensors),
-        input_dtype: plan.input_dtype,
+        round: plan.input_dtype,
         layers: plan.layers.take(),
     };
-    renamed::write_renamed(merge, out, &options, progress)
+    Ok(FilePlan::listed(merge, out, &options)?
+        .write(progress)?
+        .report)
 }
