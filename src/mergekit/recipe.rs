@@ -14,8 +14,8 @@ use serde::Deserialize;
 
 use super::family::{Family, Method, Resolution, resolve_family};
 use super::syntax::{
-    Parameters, Recipe, Resolved, YamlTensor, after_layers, dtype_of, layer_index, refused,
-    renumber, resolve,
+    ModelEntry, Parameters, Recipe, Resolved, SliceEntry, YamlTensor, after_layers, dtype_of,
+    layer_count, layer_index, no_lora, refused, renumber, resolve,
 };
 use crate::checkpoint::plan::is_float;
 use crate::checkpoint::plan::{Listed, Listing, check_listed};
@@ -202,288 +202,29 @@ fn resolve_recipe(recipe: Recipe, exact: bool) -> Result<YamlPlan, CheckpointErr
     if recipe.merge_method != "slerp" {
         return Err(unsupported_method(&recipe.merge_method));
     }
-    let base = recipe
-        .base_model
-        .clone()
-        .ok_or_else(|| refused("slerp needs `base_model` (the model at t = 0)".into()))?;
-    let mut warnings = Vec::new();
-    let mut levels_given: Vec<(String, &Parameters)> = Vec::new();
-    levels_given.extend(
-        recipe
-            .parameters
-            .iter()
-            .map(|p| ("the top level".to_string(), p)),
-    );
-    for (i, slice) in recipe.slices.iter().flatten().enumerate() {
-        levels_given.extend(slice.parameters.iter().map(|p| (format!("slice {i}"), p)));
-    }
-    for (level, p) in levels_given {
-        for unread in p.given_except(&["t"]) {
-            warnings.push(format!(
-                "`{unread}` at {level} is not a parameter of slerp; ignored, as mergekit ignores it"
-            ));
-        }
-    }
-    // (A's range, B's range, parameters) per slice; `None` ranges: every layer.
-    type Slice = (Option<[usize; 2]>, Option<[usize; 2]>, Option<Parameters>);
-    let (other, slices): (String, Vec<Slice>) = match (&recipe.models, &recipe.slices) {
-        (Some(_), Some(_)) => {
-            return Err(refused("give `models:` or `slices:`, not both".into()));
-        }
-        (None, None) => {
-            return Err(refused(
-                "the recipe has neither `models:` nor `slices:`".into(),
-            ));
-        }
-        (Some(models), None) => {
-            for m in models {
-                if m.parameters.as_ref().is_some_and(|p| p.t.is_some()) {
-                    warnings.push(format!(
-                        "the `t` given for model `{}` is ignored, as mergekit ignores it",
-                        m.model
-                    ));
-                }
-            }
-            let others: Vec<&String> = models
-                .iter()
-                .map(|m| &m.model)
-                .filter(|m| **m != base)
-                .collect();
-            let other = match others.as_slice() {
-                [one] => (*one).clone(),
-                _ => {
-                    return Err(refused(format!(
-                        "slerp merges `base_model` with exactly one other model; `models:` lists {}",
-                        models.len()
-                    )));
-                }
-            };
-            (other, vec![(None, None, None)])
-        }
-        (None, Some(slices)) => {
-            let mut other: Option<String> = None;
-            let mut out = Vec::new();
-            for (i, slice) in slices.iter().enumerate() {
-                if slice.sources.len() != 2 {
-                    return Err(refused(format!(
-                        "slice {i} has {} sources; slerp takes two",
-                        slice.sources.len()
-                    )));
-                }
-                let mut a = None;
-                let mut b = None;
-                for source in &slice.sources {
-                    if source.parameters.as_ref().is_some_and(|p| p.t.is_some()) {
-                        warnings.push(format!(
-                            "the `t` given for source `{}` of slice {i} is ignored, as mergekit ignores it",
-                            source.model
-                        ));
-                    }
-                    if source.model == base && a.is_none() {
-                        a = Some(source.layer_range);
-                    } else {
-                        if other.as_ref().is_some_and(|o| *o != source.model) {
-                            return Err(refused(format!(
-                                "slice {i} merges `{}`, another model than the earlier slices' `{}`",
-                                source.model,
-                                other.unwrap_or_default()
-                            )));
-                        }
-                        other = Some(source.model.clone());
-                        b = Some(source.layer_range);
-                    }
-                }
-                let (Some(ra), Some(rb)) = (a, b) else {
-                    return Err(refused(format!(
-                        "slice {i} does not take one source from `base_model` and one from the other model"
-                    )));
-                };
-                if let (Some(x), Some(y)) = (ra, rb)
-                    && x[1].saturating_sub(x[0]) != y[1].saturating_sub(y[0])
-                {
-                    return Err(refused(format!(
-                        "slice {i}: layer_range {x:?} and {y:?} are not the same length"
-                    )));
-                }
-                out.push((ra, rb, slice.parameters.clone()));
-            }
-            (
-                other.ok_or_else(|| refused("no slice names a second model".into()))?,
-                out,
-            )
-        }
-    };
-    for model in [&base, &other] {
-        if model.contains('+') {
-            return Err(refused(format!(
-                "`{model}`: LoRA sources (`model+lora`) are not supported; merge the adapter into the model first"
-            )));
-        }
-    }
-    let tokenizer_source = match recipe.tokenizer_source.as_deref() {
-        None | Some("base") => TokenizerSource::A,
-        Some(m) if m == other => TokenizerSource::B,
-        Some(m) if m == base => TokenizerSource::A,
-        Some("union") => {
-            return Err(refused(
-                "`tokenizer_source: union` is not supported: it rebuilds the embeddings; give \
-                 `base` or one of the models"
-                    .into(),
-            ));
-        }
-        Some(m) => {
-            return Err(refused(format!(
-                "`tokenizer_source: {m}` is not supported: give `base` or one of the models"
-            )));
-        }
-    };
-    let input_dtype = recipe
-        .dtype
-        .as_deref()
-        .map(|d| dtype_of(d, "dtype"))
-        .transpose()?;
-    let out_dtype = match recipe.out_dtype.as_deref() {
-        Some(d) => Some(dtype_of(d, "out_dtype")?),
-        None => input_dtype,
-    };
+    let mut warnings = unread_by_slerp(&recipe);
+    let Pair {
+        base,
+        other,
+        slices,
+    } = pair_of(&recipe, &mut warnings)?;
+    no_lora([&base, &other])?;
+    let tokenizer_source = tokenizer_source(&recipe, &base, &other)?;
+    let (input_dtype, out_dtype) = dtypes(&recipe)?;
     let open = |model: &str| Checkpoint::open(Path::new(model));
     let (a, b) = (open(&base)?, open(&other)?);
-
-    let layers_of = |c: &Checkpoint| {
-        c.names()
-            .iter()
-            .filter_map(|n| layer_index(n).map(|(i, _)| i + 1))
-            .max()
-            .unwrap_or(0)
+    let la = layer_count(&a.names());
+    let ranges = fit_ranges(slices, la, layer_count(&b.names()))?;
+    let layout = Layout {
+        a: &a,
+        names: a.names(),
+        ranges: &ranges,
+        top: recipe.parameters.as_ref(),
     };
-    let (la, lb) = (layers_of(&a), layers_of(&b));
-    let ranges: Vec<([usize; 2], [usize; 2], Option<Parameters>)> = slices
-        .into_iter()
-        .map(|(ra, rb, p)| (ra.unwrap_or([0, la]), rb.unwrap_or([0, lb]), p))
-        .collect();
-    for (i, (ra, rb, _)) in ranges.iter().enumerate() {
-        if ra[1] > la || rb[1] > lb || ra[0] >= ra[1] {
-            return Err(refused(format!(
-                "slice {i}: layer_range {ra:?} / {rb:?} does not fit the models' {la} / {lb} layers"
-            )));
-        }
-    }
-    let architecture = a
-        .folder()
-        .and_then(|f| std::fs::read_to_string(f.join("config.json")).ok())
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|c| c["architectures"][0].as_str().map(str::to_string))
-        .unwrap_or_default();
-
-    let levels = |slice: usize| -> Vec<(String, Option<&Parameters>)> {
-        vec![
-            (format!("slice {slice}"), ranges[slice].2.as_ref()),
-            ("top level".to_string(), recipe.parameters.as_ref()),
-        ]
-    };
-    let missing = |name: &str| {
-        refused(format!(
-            "missing t for `{name}` (no level of the recipe gives one)"
-        ))
-    };
-    let check_t = |r: &Resolved, name: &str| {
-        if r.t.is_finite() && (0.0..=1.0).contains(&r.t) {
-            Ok(())
-        } else {
-            Err(refused(format!(
-                "t = {} for `{name}` ({}, {}) is outside [0, 1]",
-                r.t, r.level, r.entry
-            )))
-        }
-    };
-    let mut tensors = Vec::new();
-    let names = a.names();
-    let float = |c: &Checkpoint, n: &str| c.entry(n).and_then(|e| e.dtype).is_some_and(is_float);
-    let last = ranges.len() - 1;
     // Tensors outside the layers: before them, then the layers slice by slice, then after.
-    let outside: Vec<&String> = names.iter().filter(|n| layer_index(n).is_none()).collect();
-    let mut after = Vec::new();
-    for name in &outside {
-        let is_after = after_layers(&architecture, name);
-        let resolved = if float(&a, name) {
-            let first = resolve(name, 0.0, &levels(0)).ok_or_else(|| missing(name))?;
-            let chosen = match is_after {
-                Some(true) => resolve(name, 0.0, &levels(last)).ok_or_else(|| missing(name))?,
-                Some(false) => first,
-                None => {
-                    let other = resolve(name, 0.0, &levels(last)).ok_or_else(|| missing(name))?;
-                    if other.t != first.t {
-                        return Err(refused(format!(
-                            "`{name}` lies outside the layers of an architecture this reader \
-                             does not know (`{architecture}`): mergekit would take its t from \
-                             the first slice ({}), and the last slice gives {}; make them agree",
-                            first.t, other.t
-                        )));
-                    }
-                    first
-                }
-            };
-            check_t(&chosen, name)?;
-            Some(chosen)
-        } else {
-            None
-        };
-        let tensor = YamlTensor {
-            name: (*name).clone(),
-            sources: ((*name).clone(), (*name).clone()),
-            t: resolved.as_ref().map(|r| r.t),
-            matched: resolved
-                .map(|r| format!("{}, {}", r.level, r.entry))
-                .unwrap_or_default(),
-            position: 0.0,
-            weights: Vec::new(),
-        };
-        if is_after == Some(true) {
-            after.push(tensor);
-        } else {
-            tensors.push(tensor);
-        }
-    }
-    let mut layers = Vec::new();
-    let mut counter = 0;
-    for (s, (ra, rb, _)) in ranges.iter().enumerate() {
-        let len = ra[1] - ra[0];
-        for k in 0..len {
-            let pos = if len == 1 {
-                1.0
-            } else {
-                k as f64 / (len - 1) as f64
-            };
-            let (la_k, lb_k, out_k) = (ra[0] + k, rb[0] + k, counter + k);
-            layers.push(la_k);
-            for name in names
-                .iter()
-                .filter(|n| layer_index(n).map(|(i, _)| i) == Some(la_k))
-            {
-                let out_name = renumber(name, out_k);
-                let b_name = renumber(name, lb_k);
-                let resolved = if float(&a, name) {
-                    let r =
-                        resolve(&out_name, pos, &levels(s)).ok_or_else(|| missing(&out_name))?;
-                    check_t(&r, &out_name)?;
-                    Some(r)
-                } else {
-                    None
-                };
-                tensors.push(YamlTensor {
-                    name: out_name,
-                    sources: (name.clone(), b_name),
-                    t: resolved.as_ref().map(|r| r.t),
-                    matched: resolved
-                        .map(|r| format!("{}, {}", r.level, r.entry))
-                        .unwrap_or_default(),
-                    position: pos,
-                    weights: Vec::new(),
-                });
-            }
-        }
-        counter += len;
-    }
+    let (mut tensors, after) = outside_tensors(&layout, &architecture(&a))?;
+    let (layered, layers) = layer_tensors(&layout)?;
+    tensors.extend(layered);
     tensors.extend(after);
     // B holds every source, of A's shape and a float dtype where A's is.
     // The checks of every file merge, before anything is planned.
@@ -501,6 +242,423 @@ fn resolve_recipe(recipe: Recipe, exact: bool) -> Result<YamlPlan, CheckpointErr
         exact,
         family: None,
     })
+}
+
+/// The warnings for the parameters slerp does not read, at the top level and in each slice.
+fn unread_by_slerp(recipe: &Recipe) -> Vec<String> {
+    let mut levels_given: Vec<(String, &Parameters)> = Vec::new();
+    levels_given.extend(
+        recipe
+            .parameters
+            .iter()
+            .map(|p| ("the top level".to_string(), p)),
+    );
+    for (i, slice) in recipe.slices.iter().flatten().enumerate() {
+        levels_given.extend(slice.parameters.iter().map(|p| (format!("slice {i}"), p)));
+    }
+    let mut warnings = Vec::new();
+    for (level, p) in levels_given {
+        for unread in p.given_except(&["t"]) {
+            warnings.push(format!(
+                "`{unread}` at {level} is not a parameter of slerp; ignored, as mergekit ignores it"
+            ));
+        }
+    }
+    warnings
+}
+
+/// The two models of a slerp recipe and its slices, as the recipe gives them.
+struct Pair {
+    /// `base_model`: A, the model at `t = 0`.
+    base: String,
+    /// The other model: B.
+    other: String,
+    slices: Vec<SliceSpec>,
+}
+
+/// A slice as the recipe gives it: A's and B's layer ranges (`None`: every layer) and its
+/// parameters.
+struct SliceSpec {
+    a: Option<[usize; 2]>,
+    b: Option<[usize; 2]>,
+    parameters: Option<Parameters>,
+}
+
+/// A slice against the opened models: A's and B's layer ranges and its parameters.
+struct SliceRange {
+    a: [usize; 2],
+    b: [usize; 2],
+    parameters: Option<Parameters>,
+}
+
+/// `base_model`, the other model and the slices of a slerp recipe, from its `models:` or its
+/// `slices:`; a `t` given per model or per source is a warning.
+fn pair_of(recipe: &Recipe, warnings: &mut Vec<String>) -> Result<Pair, CheckpointError> {
+    let base = recipe
+        .base_model
+        .clone()
+        .ok_or_else(|| refused("slerp needs `base_model` (the model at t = 0)".into()))?;
+    let (other, slices) = match (&recipe.models, &recipe.slices) {
+        (Some(_), Some(_)) => {
+            return Err(refused("give `models:` or `slices:`, not both".into()));
+        }
+        (None, None) => {
+            return Err(refused(
+                "the recipe has neither `models:` nor `slices:`".into(),
+            ));
+        }
+        (Some(models), None) => {
+            let every_layer = SliceSpec {
+                a: None,
+                b: None,
+                parameters: None,
+            };
+            (other_of_models(models, &base, warnings)?, vec![every_layer])
+        }
+        (None, Some(slices)) => slices_of(slices, &base, warnings)?,
+    };
+    Ok(Pair {
+        base,
+        other,
+        slices,
+    })
+}
+
+/// The one model of `models:` other than `base_model`; a `t` given per model is a warning.
+fn other_of_models(
+    models: &[ModelEntry],
+    base: &str,
+    warnings: &mut Vec<String>,
+) -> Result<String, CheckpointError> {
+    for m in models {
+        if m.parameters.as_ref().is_some_and(|p| p.t.is_some()) {
+            warnings.push(format!(
+                "the `t` given for model `{}` is ignored, as mergekit ignores it",
+                m.model
+            ));
+        }
+    }
+    let others: Vec<&String> = models
+        .iter()
+        .map(|m| &m.model)
+        .filter(|m| m.as_str() != base)
+        .collect();
+    match others.as_slice() {
+        [one] => Ok((*one).clone()),
+        _ => Err(refused(format!(
+            "slerp merges `base_model` with exactly one other model; `models:` lists {}",
+            models.len()
+        ))),
+    }
+}
+
+/// The other model and the slices of `slices:`; every slice merges the same other model.
+fn slices_of(
+    slices: &[SliceEntry],
+    base: &str,
+    warnings: &mut Vec<String>,
+) -> Result<(String, Vec<SliceSpec>), CheckpointError> {
+    let mut other: Option<String> = None;
+    let mut out = Vec::new();
+    for (i, slice) in slices.iter().enumerate() {
+        out.push(slice_of(i, slice, base, &mut other, warnings)?);
+    }
+    Ok((
+        other.ok_or_else(|| refused("no slice names a second model".into()))?,
+        out,
+    ))
+}
+
+/// Slice `i`: one source from `base_model` (A's range) and one from `other`, the model of the
+/// earlier slices (B's range), of the same length; a `t` given per source is a warning.
+fn slice_of(
+    i: usize,
+    slice: &SliceEntry,
+    base: &str,
+    other: &mut Option<String>,
+    warnings: &mut Vec<String>,
+) -> Result<SliceSpec, CheckpointError> {
+    if slice.sources.len() != 2 {
+        return Err(refused(format!(
+            "slice {i} has {} sources; slerp takes two",
+            slice.sources.len()
+        )));
+    }
+    let mut a = None;
+    let mut b = None;
+    for source in &slice.sources {
+        if source.parameters.as_ref().is_some_and(|p| p.t.is_some()) {
+            warnings.push(format!(
+                "the `t` given for source `{}` of slice {i} is ignored, as mergekit ignores it",
+                source.model
+            ));
+        }
+        if source.model == base && a.is_none() {
+            a = Some(source.layer_range);
+        } else {
+            if other.as_ref().is_some_and(|o| *o != source.model) {
+                return Err(refused(format!(
+                    "slice {i} merges `{}`, another model than the earlier slices' `{}`",
+                    source.model,
+                    other.as_deref().unwrap_or_default()
+                )));
+            }
+            *other = Some(source.model.clone());
+            b = Some(source.layer_range);
+        }
+    }
+    let (Some(ra), Some(rb)) = (a, b) else {
+        return Err(refused(format!(
+            "slice {i} does not take one source from `base_model` and one from the other model"
+        )));
+    };
+    if let (Some(x), Some(y)) = (ra, rb)
+        && x[1].saturating_sub(x[0]) != y[1].saturating_sub(y[0])
+    {
+        return Err(refused(format!(
+            "slice {i}: layer_range {x:?} and {y:?} are not the same length"
+        )));
+    }
+    Ok(SliceSpec {
+        a: ra,
+        b: rb,
+        parameters: slice.parameters.clone(),
+    })
+}
+
+/// The input whose tokenizer the output takes: A for `base` or none given, else the model
+/// named.
+fn tokenizer_source(
+    recipe: &Recipe,
+    base: &str,
+    other: &str,
+) -> Result<TokenizerSource, CheckpointError> {
+    match recipe.tokenizer_source.as_deref() {
+        None | Some("base") => Ok(TokenizerSource::A),
+        Some(m) if m == other => Ok(TokenizerSource::B),
+        Some(m) if m == base => Ok(TokenizerSource::A),
+        Some("union") => Err(refused(
+            "`tokenizer_source: union` is not supported: it rebuilds the embeddings; give \
+             `base` or one of the models"
+                .into(),
+        )),
+        Some(m) => Err(refused(format!(
+            "`tokenizer_source: {m}` is not supported: give `base` or one of the models"
+        ))),
+    }
+}
+
+/// `dtype` (the inputs are rounded to it first) and `out_dtype` (`dtype` when not given).
+fn dtypes(recipe: &Recipe) -> Result<(Option<DType>, Option<DType>), CheckpointError> {
+    let input_dtype = recipe
+        .dtype
+        .as_deref()
+        .map(|d| dtype_of(d, "dtype"))
+        .transpose()?;
+    let out_dtype = match recipe.out_dtype.as_deref() {
+        Some(d) => Some(dtype_of(d, "out_dtype")?),
+        None => input_dtype,
+    };
+    Ok((input_dtype, out_dtype))
+}
+
+/// The slices' layer ranges against the `la` layers of A and the `lb` of B (a range not given:
+/// every layer); a range that does not fit is refused.
+fn fit_ranges(
+    slices: Vec<SliceSpec>,
+    la: usize,
+    lb: usize,
+) -> Result<Vec<SliceRange>, CheckpointError> {
+    let ranges: Vec<SliceRange> = slices
+        .into_iter()
+        .map(|s| SliceRange {
+            a: s.a.unwrap_or([0, la]),
+            b: s.b.unwrap_or([0, lb]),
+            parameters: s.parameters,
+        })
+        .collect();
+    for (i, SliceRange { a: ra, b: rb, .. }) in ranges.iter().enumerate() {
+        if ra[1] > la || rb[1] > lb || ra[0] >= ra[1] {
+            return Err(refused(format!(
+                "slice {i}: layer_range {ra:?} / {rb:?} does not fit the models' {la} / {lb} layers"
+            )));
+        }
+    }
+    Ok(ranges)
+}
+
+/// A's architecture, from the `config.json` of its folder; empty when it has none.
+fn architecture(a: &Checkpoint) -> String {
+    a.folder()
+        .and_then(|f| std::fs::read_to_string(f.join("config.json")).ok())
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|c| c["architectures"][0].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// What the output tensors of a slerp recipe are read from: A and its tensor names, the
+/// slices, and the top level's parameters.
+struct Layout<'a> {
+    a: &'a Checkpoint,
+    names: Vec<String>,
+    ranges: &'a [SliceRange],
+    top: Option<&'a Parameters>,
+}
+
+impl Layout<'_> {
+    /// Whether A's tensor `name` is a float tensor (merged; the others are copied from A).
+    fn float(&self, name: &str) -> bool {
+        self.a
+            .entry(name)
+            .and_then(|e| e.dtype)
+            .is_some_and(is_float)
+    }
+
+    /// `t` for output tensor `name` at offset `pos` in slice `slice`: the slice's parameters,
+    /// then the top level's; refused when no level gives one.
+    fn t_of(&self, name: &str, pos: f64, slice: usize) -> Result<Resolved, CheckpointError> {
+        let levels = vec![
+            (
+                format!("slice {slice}"),
+                self.ranges[slice].parameters.as_ref(),
+            ),
+            ("top level".to_string(), self.top),
+        ];
+        resolve(name, pos, &levels).ok_or_else(|| {
+            refused(format!(
+                "missing t for `{name}` (no level of the recipe gives one)"
+            ))
+        })
+    }
+}
+
+/// Refuses a `t` for output tensor `name` that is not a number in [0, 1].
+fn check_t(r: &Resolved, name: &str) -> Result<(), CheckpointError> {
+    if r.t.is_finite() && (0.0..=1.0).contains(&r.t) {
+        Ok(())
+    } else {
+        Err(refused(format!(
+            "t = {} for `{name}` ({}, {}) is outside [0, 1]",
+            r.t, r.level, r.entry
+        )))
+    }
+}
+
+/// An output tensor of a slerp recipe, with its `t` and where it came from; copied from A when
+/// `resolved` is `None`.
+fn slerp_tensor(
+    name: String,
+    sources: (String, String),
+    resolved: Option<Resolved>,
+    position: f64,
+) -> YamlTensor {
+    YamlTensor {
+        name,
+        sources,
+        t: resolved.as_ref().map(|r| r.t),
+        matched: resolved
+            .map(|r| format!("{}, {}", r.level, r.entry))
+            .unwrap_or_default(),
+        position,
+        weights: Vec::new(),
+    }
+}
+
+/// The tensors outside the layers, in A's order: those before the layers, and those after them
+/// (for an architecture [`after_layers`] knows).
+fn outside_tensors(
+    layout: &Layout<'_>,
+    architecture: &str,
+) -> Result<(Vec<YamlTensor>, Vec<YamlTensor>), CheckpointError> {
+    let (mut before, mut after) = (Vec::new(), Vec::new());
+    for name in layout.names.iter().filter(|n| layer_index(n).is_none()) {
+        let is_after = after_layers(architecture, name);
+        let resolved = if layout.float(name) {
+            Some(outside_t(layout, architecture, name, is_after)?)
+        } else {
+            None
+        };
+        let tensor = slerp_tensor(name.clone(), (name.clone(), name.clone()), resolved, 0.0);
+        if is_after == Some(true) {
+            after.push(tensor);
+        } else {
+            before.push(tensor);
+        }
+    }
+    Ok((before, after))
+}
+
+/// `t` for a float tensor outside the layers: the first slice's before them, the last slice's
+/// after them, and for an architecture [`after_layers`] does not know, both, which must agree.
+fn outside_t(
+    layout: &Layout<'_>,
+    architecture: &str,
+    name: &str,
+    is_after: Option<bool>,
+) -> Result<Resolved, CheckpointError> {
+    let last = layout.ranges.len() - 1;
+    let first = layout.t_of(name, 0.0, 0)?;
+    let chosen = match is_after {
+        Some(true) => layout.t_of(name, 0.0, last)?,
+        Some(false) => first,
+        None => {
+            let other = layout.t_of(name, 0.0, last)?;
+            if other.t != first.t {
+                return Err(refused(format!(
+                    "`{name}` lies outside the layers of an architecture this reader \
+                     does not know (`{architecture}`): mergekit would take its t from \
+                     the first slice ({}), and the last slice gives {}; make them agree",
+                    first.t, other.t
+                )));
+            }
+            first
+        }
+    };
+    check_t(&chosen, name)?;
+    Ok(chosen)
+}
+
+/// The tensors of the layers, slice by slice, renumbered to their place in the output, and the
+/// layer of A each output layer comes from.
+fn layer_tensors(layout: &Layout<'_>) -> Result<(Vec<YamlTensor>, Vec<usize>), CheckpointError> {
+    let mut tensors = Vec::new();
+    let mut layers = Vec::new();
+    let mut counter = 0;
+    for (s, range) in layout.ranges.iter().enumerate() {
+        let len = range.a[1] - range.a[0];
+        for k in 0..len {
+            let pos = if len == 1 {
+                1.0
+            } else {
+                k as f64 / (len - 1) as f64
+            };
+            let (la_k, lb_k, out_k) = (range.a[0] + k, range.b[0] + k, counter + k);
+            layers.push(la_k);
+            for name in layout
+                .names
+                .iter()
+                .filter(|n| layer_index(n).map(|(i, _)| i) == Some(la_k))
+            {
+                let out_name = renumber(name, out_k);
+                let b_name = renumber(name, lb_k);
+                let resolved = if layout.float(name) {
+                    let r = layout.t_of(&out_name, pos, s)?;
+                    check_t(&r, &out_name)?;
+                    Some(r)
+                } else {
+                    None
+                };
+                tensors.push(slerp_tensor(
+                    out_name,
+                    (name.clone(), b_name),
+                    resolved,
+                    pos,
+                ));
+            }
+        }
+        counter += len;
+    }
+    Ok((tensors, layers))
 }
 
 /// The numerics of a recipe: mergekit 0.1.5's slerp (one angle per tensor, lerp when

@@ -260,6 +260,16 @@ pub(crate) fn layer_index(name: &str) -> Option<(usize, usize)> {
     None
 }
 
+/// The number of layers of a model with these tensor names: one more than the highest layer
+/// index, 0 when no name has one.
+pub(super) fn layer_count(names: &[String]) -> usize {
+    names
+        .iter()
+        .filter_map(|n| layer_index(n).map(|(i, _)| i + 1))
+        .max()
+        .unwrap_or(0)
+}
+
 /// `name` with its layer index replaced by `layer`.
 pub(super) fn renumber(name: &str, layer: usize) -> String {
     match layer_index(name) {
@@ -295,6 +305,21 @@ pub(super) fn dtype_of(text: &str, key: &str) -> Result<DType, CheckpointError> 
             "`{key}: {other}` is not a dtype this merge writes (float32, float16, bfloat16)"
         ))),
     }
+}
+
+/// Refuses a LoRA source (`model+lora`) among `models`, the first one named.
+pub(super) fn no_lora<'a>(
+    models: impl IntoIterator<Item = &'a String>,
+) -> Result<(), CheckpointError> {
+    for model in models {
+        if model.contains('+') {
+            return Err(refused(format!(
+                "`{model}`: LoRA sources (`model+lora`) are not supported; merge the adapter into \
+                 the model first"
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub(super) fn refused(reason: String) -> CheckpointError {
