@@ -135,3 +135,7 @@ struct MergekitDoctests;
 #[cfg(all(doctest, feature = "flex"))]
 #[doc = include_str!("../docs/testing.md")]
 struct TestingDoctests;
+
+#[cfg(all(doctest, feature = "flex"))]
+#[doc = include_str!("../docs/reliability.md")]
+struct ReliabilityDoctests;

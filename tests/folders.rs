@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use burn::tensor::DType;
 use half::bf16;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
@@ -1101,5 +1102,212 @@ fn mean_and_base_files_equal_the_library_in_memory() {
             .collect();
         let got: Vec<f32> = f32s(&bytes).iter().map(|v| *v as f32).collect();
         assert_eq!(bits(&got), bits(&want), "--base: {name}");
+    }
+}
+
+/// What burn-store's PyTorch reader returns for a file, by name: dtype, shape and bytes;
+/// `None` where it refuses the file, or panics on it.
+type Read = BTreeMap<String, (DType, Vec<usize>, Vec<u8>)>;
+
+fn read_with_burn_store(path: &Path) -> Option<Read> {
+    use burn::store::{ModuleStore, PytorchStore};
+    std::panic::catch_unwind(|| {
+        let mut store = PytorchStore::from_file(path).map_indices_contiguous(false);
+        let all = store.get_all_tensors().ok()?;
+        all.iter()
+            .map(|(name, t)| {
+                let bytes = t.to_bytes().ok()?;
+                Some((name.clone(), (t.dtype, t.shape.to_vec(), bytes.to_vec())))
+            })
+            .collect()
+    })
+    .ok()
+    .flatten()
+}
+
+fn values_of(dtype: DType, bytes: &[u8]) -> Vec<f64> {
+    match dtype {
+        DType::F32 => f32s(bytes),
+        DType::BF16 => bf16s(bytes),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+        DType::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A damaged input either fails with an error that names a file or a tensor, with nothing
+/// written, or merges to what the f64 reference computes from the values the reader returns
+/// for it (whole-tensor SLERP at t = 0.5, within the accuracy bar of its dtype; other dtypes
+/// copied as they are).
+fn check_damaged_merge(damaged: &Path, reader_path: &Path, b: &Path, out: &Path) {
+    use burn_slerp::checkpoint::{CheckpointError, FileMerge, merge_files};
+    let config =
+        burn_slerp::SlerpConfig::new(0.5).with_granularity(burn_slerp::Granularity::Tensor);
+    let options = FileMerge::new(config, burn::tensor::Device::flex());
+    match merge_files(damaged, b, out, &options, |_| {}) {
+        Err(e) => {
+            assert!(!out.exists(), "{e}");
+            let message = e.to_string();
+            let names_something = matches!(
+                e,
+                CheckpointError::Pairing { .. }
+                    | CheckpointError::Shape { .. }
+                    | CheckpointError::DType { .. }
+                    | CheckpointError::NonFinite { .. }
+            ) || message.contains(s(damaged))
+                || message.contains(s(damaged.parent().unwrap()));
+            assert!(names_something, "{message}");
+        }
+        Ok(_) => {
+            let read_a = read_with_burn_store(reader_path).expect("merged, so readable");
+            let read_b = read_with_burn_store(b).unwrap();
+            let got = tensors(out);
+            for (name, (dtype, shape, bytes)) in &read_a {
+                let Some((_, out_shape, out_bytes)) = got.get(name) else {
+                    continue;
+                };
+                assert_eq!(out_shape, shape, "{name}");
+                if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16 | DType::F64) {
+                    assert_eq!(out_bytes, bytes, "{name}: copied as read");
+                    continue;
+                }
+                let (a, b) = (values_of(*dtype, bytes), values_of(*dtype, &read_b[name].2));
+                let want = common::reference(&a, &b, 0.5, 1e-8, None);
+                let have = values_of(*dtype, out_bytes);
+                let ulp = match dtype {
+                    DType::BF16 => 1.0 / 128.0,
+                    DType::F16 => 1.0 / 1024.0,
+                    _ => 0.0,
+                };
+                if ulp == 0.0 {
+                    let have: Vec<f32> = have.iter().map(|v| *v as f32).collect();
+                    let err = common::rel_l2(&have, &want);
+                    assert!(err <= 1e-6, "{name}: relative error {err:e}");
+                } else {
+                    for (h, w) in have.iter().zip(&want) {
+                        assert!((h - w).abs() <= w.abs() * ulp + 1e-30, "{name}: {h} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config {
+        cases: 384,
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    })]
+
+    /// Damaged PyTorch files (zip and legacy pickle): truncated, a byte flipped, eight bytes
+    /// overwritten (sizes, offsets, lengths in the archive or the pickle stream).
+    #[test]
+    fn damaged_pytorch_files_fail_clearly_or_merge_right(
+        legacy in proptest::bool::ANY,
+        kind in 0u8..3,
+        at in 0usize..100_000,
+        value in proptest::num::u64::ANY,
+    ) {
+        let valid = std::fs::read(fixture(if legacy { "a_legacy.pt" } else { "a.pt" })).unwrap();
+        let mut v = valid.clone();
+        let i = at % v.len();
+        match kind {
+            0 => v.truncate(i),
+            1 => v[i] ^= (value as u8).max(1),
+            _ => {
+                let end = (i + 8).min(v.len());
+                v[i..end].copy_from_slice(&value.to_le_bytes()[..end - i]);
+            }
+        }
+        let dir = scratch("fuzz-pytorch");
+        let damaged = dir.join("damaged.pt");
+        std::fs::write(&damaged, &v).unwrap();
+        check_damaged_merge(&damaged, &damaged, &fixture("b.bin"), &dir.join("out.safetensors"));
+    }
+
+    /// Damaged index files of sharded checkpoints (PyTorch and safetensors shards): bytes
+    /// flipped or cut, and entries pointing at other shards, at files that are not there, out
+    /// of the folder, or at non-strings.
+    #[test]
+    fn damaged_index_files_fail_clearly_or_merge_right(
+        safetensors in proptest::bool::ANY,
+        kind in 0u8..4,
+        at in 0usize..10_000,
+        value in 0u8..=255,
+    ) {
+        let dir = scratch("fuzz-index");
+        let layouts = pytorch_layouts(&dir);
+        let mut folder = layouts[3].clone();
+        if safetensors {
+            // The same shards, as safetensors: A at t = 0 into a folder keeps A's shards.
+            let converted = dir.join("st-sharded");
+            succeeds(&["merge", s(&folder), s(&fixture("b.bin")), "-o", s(&converted), "-t", "0", "-q"]);
+            folder = converted;
+        }
+        let index = std::fs::read_dir(&folder)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| s(p).ends_with(".index.json"))
+            .unwrap();
+        let text = std::fs::read(&index).unwrap();
+        let mut json: serde_json::Value = serde_json::from_slice(&text).unwrap();
+        let names: Vec<String> = json["weight_map"].as_object().unwrap().keys().cloned().collect();
+        let name = &names[at % names.len()];
+        let damaged = match kind {
+            0 => { let mut t = text.clone(); t.truncate(at % t.len()); t }
+            1 => { let mut t = text.clone(); let i = at % t.len(); t[i] ^= value.max(1); t }
+            2 => {
+                let shards: Vec<String> = std::fs::read_dir(&folder).unwrap()
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect();
+                let choices = [
+                    shards[value as usize % shards.len()].clone(),
+                    "absent.safetensors".into(),
+                    "../outside.bin".into(),
+                    "/abs.bin".into(),
+                    "".into(),
+                ];
+                json["weight_map"][name] = choices[value as usize % choices.len()].clone().into();
+                serde_json::to_vec(&json).unwrap()
+            }
+            _ => {
+                match value % 3 {
+                    0 => { json["weight_map"].as_object_mut().unwrap().remove(name); }
+                    1 => json["weight_map"][name] = serde_json::json!(value),
+                    _ => json["weight_map"] = serde_json::json!([name]),
+                }
+                serde_json::to_vec(&json).unwrap()
+            }
+        };
+        std::fs::write(&index, damaged).unwrap();
+        let out = dir.join("out.safetensors");
+        let config = burn_slerp::SlerpConfig::new(0.5).with_granularity(burn_slerp::Granularity::Tensor);
+        let options = burn_slerp::checkpoint::FileMerge::new(config, burn::tensor::Device::flex());
+        match burn_slerp::checkpoint::merge_files(&folder, &fixture("b.bin"), &out, &options, |_| {}) {
+            Err(e) => {
+                proptest::prop_assert!(!out.exists());
+                let message = e.to_string();
+                proptest::prop_assert!(
+                    message.contains(s(&folder)) || matches!(e, burn_slerp::checkpoint::CheckpointError::Pairing { .. }),
+                    "{}", message
+                );
+            }
+            Ok(_) => {
+                // Whatever the index says, each tensor is A's: its values are the fixture's.
+                let got = tensors(&out);
+                let w = fixture_w(true);
+                let want = common::reference(&w, &fixture_w(false), 0.5, 1e-8, None);
+                let err = common::rel_l2(&f32s(&got["w"].2).iter().map(|v| *v as f32).collect::<Vec<_>>(), &want);
+                proptest::prop_assert!(err <= 1e-6, "w: {:e}", err);
+                proptest::prop_assert_eq!(&got["step"].2, &7i64.to_le_bytes().to_vec());
+            }
+        }
     }
 }

@@ -23,14 +23,16 @@
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use burn::config::Config;
 use burn::tensor::Device;
 use burn_slerp::checkpoint::{
     CheckpointError, FileMerge, FilePlan, OutDType, Pairing, Progress, TokenizerSource,
-    compare_files, inspect, shapes,
+    compare_files, inspect, shapes, write_report,
 };
-use burn_slerp::mergekit::{YamlResult, plan_yaml, yaml_files};
+use burn_slerp::mergekit::{plan_yaml, yaml_files};
 use burn_slerp::{Granularity, MeanMethod, SlerpConfig, SphericalMean};
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -279,7 +281,7 @@ impl From<CheckpointError> for Failure {
     fn from(e: CheckpointError) -> Self {
         // 128 + SIGINT, as a shell reports a command stopped by Ctrl-C.
         let code = if matches!(e, CheckpointError::Interrupted) {
-            130
+            interrupt::exit_code()
         } else {
             1
         };
@@ -287,13 +289,14 @@ impl From<CheckpointError> for Failure {
     }
 }
 
-/// Ctrl-C (SIGINT) and SIGTERM. Before the output is first written (while inputs are opened
-/// and checked and the merge is planned) they end the process at once with exit code 130:
-/// nothing exists to clean up. Once writing has begun they stop the merge at the next tensor,
-/// which removes the partial output; a second signal then ends the process at once.
+/// SIGINT (Ctrl-C), SIGTERM and SIGHUP, on every Unix. Before the output is first written
+/// (while inputs are opened and checked and the merge is planned) they end the process at once
+/// with exit code 128 + the signal's number: nothing exists to clean up. Once writing has begun
+/// the first one stops the merge at the next block of values, which removes the partial output,
+/// and further ones are ignored until that cleanup is done; the exit code is the same.
 mod interrupt {
     use std::sync::Arc;
-    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
     #[cfg(unix)]
     static FLAG: std::sync::atomic::AtomicPtr<AtomicBool> =
@@ -303,26 +306,35 @@ mod interrupt {
     #[cfg(unix)]
     static WRITING: AtomicBool = AtomicBool::new(false);
 
+    /// The first signal received (SIGINT when the cancellation came from elsewhere).
+    static SIGNAL: AtomicI32 = AtomicI32::new(0);
+
     #[cfg(unix)]
     extern "C" fn on_signal(signal: libc::c_int) {
-        use std::sync::atomic::Ordering;
+        let _ = SIGNAL.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
         if !WRITING.load(Ordering::SeqCst) {
             // SAFETY: `_exit` is async-signal-safe, and nothing has been written.
-            unsafe { libc::_exit(130) };
+            unsafe { libc::_exit(128 + signal) };
         }
         let flag = FLAG.load(Ordering::SeqCst);
         if !flag.is_null() {
             // SAFETY: the pointer comes from a leaked `Arc` and is never freed.
             unsafe { (*flag).store(true, Ordering::SeqCst) };
         }
-        // SAFETY: `signal` is async-signal-safe; back to the default action for the next one.
-        unsafe { libc::signal(signal, libc::SIG_DFL) };
     }
 
-    /// From now on a signal stops the merge at the next tensor instead of ending the process.
+    /// From now on a signal stops the merge at the next block instead of ending the process.
     pub(crate) fn writing() {
         #[cfg(unix)]
-        WRITING.store(true, std::sync::atomic::Ordering::SeqCst);
+        WRITING.store(true, Ordering::SeqCst);
+    }
+
+    /// The exit code of an interrupted command: 128 + the signal's number.
+    pub(crate) fn exit_code() -> u8 {
+        match SIGNAL.load(Ordering::SeqCst) {
+            signal @ 1..=127 => (128 + signal) as u8,
+            _ => 130,
+        }
     }
 
     /// The flag the signals set, with the handlers installed.
@@ -330,17 +342,65 @@ mod interrupt {
         let flag = Arc::new(AtomicBool::new(false));
         #[cfg(unix)]
         {
-            use std::sync::atomic::Ordering;
             let leaked = Arc::into_raw(Arc::clone(&flag)).cast_mut();
             FLAG.store(leaked, Ordering::SeqCst);
-            let handler = on_signal as extern "C" fn(libc::c_int);
-            // SAFETY: the handler only stores to atomics and calls `signal`.
+            // SAFETY: a zeroed `sigaction` is a valid starting value; the handler only
+            // touches atomics and calls `_exit`. Every handled signal is blocked while the
+            // handler runs; `SA_RESTART` resumes interrupted reads and writes.
             unsafe {
-                libc::signal(libc::SIGINT, handler as libc::sighandler_t);
-                libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+                action.sa_flags = libc::SA_RESTART;
+                libc::sigemptyset(&mut action.sa_mask);
+                for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                    libc::sigaddset(&mut action.sa_mask, signal);
+                }
+                for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                    libc::sigaction(signal, &action, std::ptr::null_mut());
+                }
             }
         }
         flag
+    }
+}
+
+/// Names the temporaries of stopped runs that the merge removed before it began.
+fn removed_notes(removed: &[PathBuf]) {
+    for path in removed {
+        let _ = writeln!(
+            std::io::stderr(),
+            "note: removed {}, the partial output of a run that was stopped",
+            path.display()
+        );
+    }
+}
+
+/// A fault injected for tests through `BURN_SLERP_FAULT` (see `docs/testing.md`): after the
+/// given number of tensors is written, `panic:N` panics and `pause:N:FILE` says `paused` on
+/// standard error and waits until FILE exists or the command is interrupted (60 s at most).
+fn injected_fault(done: usize, cancel: &std::sync::atomic::AtomicBool) {
+    let Ok(fault) = std::env::var("BURN_SLERP_FAULT") else {
+        return;
+    };
+    let mut parts = fault.splitn(3, ':');
+    let (kind, after) = (parts.next(), parts.next().and_then(|n| n.parse().ok()));
+    if after != Some(done) {
+        return;
+    }
+    match kind {
+        Some("panic") => panic!("fault injected after {done} tensors"),
+        Some("pause") => {
+            let go = parts.next().map(PathBuf::from);
+            let _ = writeln!(std::io::stderr(), "paused after {done} tensors");
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while std::time::Instant::now() < until
+                && !cancel.load(std::sync::atomic::Ordering::SeqCst)
+                && !go.as_ref().is_some_and(|g| g.exists())
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        _ => {}
     }
 }
 
@@ -367,6 +427,7 @@ fn device(arg: DeviceArg) -> Result<Device, Failure> {
 fn progress_reporter(
     tensors: usize,
     quiet: bool,
+    cancel: &Arc<AtomicBool>,
 ) -> (
     impl FnMut(Progress<'_>) + Send + 'static,
     Option<indicatif::ProgressBar>,
@@ -386,7 +447,9 @@ fn progress_reporter(
     });
     let mut bytes = 0usize;
     let shown = bar.clone();
+    let cancel = Arc::clone(cancel);
     let progress = move |p: Progress<'_>| {
+        injected_fault(p.done, &cancel);
         bytes += p.bytes;
         if let Some(bar) = &shown {
             let rate = bytes as f64 / started.elapsed().as_secs_f64().max(1e-9) / 1e6;
@@ -446,6 +509,9 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
         } => {
             let device = device(device_arg)?;
             let plan = plan_yaml(&recipe, exact)?;
+            if let Some(path) = &report {
+                plan.check_side_output(path, &output)?;
+            }
             if dry_run {
                 print(format_args!("{plan}"))?;
                 return Ok(());
@@ -454,28 +520,36 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
                 note!("warning: {w}");
             }
             let started = std::time::Instant::now();
-            let (progress, bar) = progress_reporter(plan.tensors.len(), quiet);
+            let is_mean = plan.is_mean();
+            let (progress, bar) = progress_reporter(plan.tensors.len(), quiet, &cancel);
             interrupt::writing();
             let result = yaml_files(plan, &output, device, Some(cancel), progress);
             if let Some(bar) = &bar {
                 bar.finish_and_clear();
             }
-            let (json, done) = match result? {
-                YamlResult::Slerp(report) => (
+            let written = result?;
+            removed_notes(&written.removed);
+            for w in &written.warnings {
+                note!("warning: {w}");
+            }
+            let (json, done) = if is_mean {
+                let stats = &written.means;
+                (
+                    serde_json::to_string_pretty(stats).expect("statistics serialise") + "\n",
+                    format!("averaged {} tensors", stats.len()),
+                )
+            } else {
+                let report = &written.report;
+                (
                     report.to_json(),
                     format!(
                         "merged {} tensors ({} parameters)",
                         report.summary.tensors, report.summary.params
                     ),
-                ),
-                YamlResult::Mean(stats) => (
-                    serde_json::to_string_pretty(&stats).expect("statistics serialise") + "\n",
-                    format!("averaged {} tensors", stats.len()),
-                ),
+                )
             };
             if let Some(path) = report {
-                std::fs::write(&path, json)
-                    .map_err(|e| Failure(format!("{}: {e}", path.display()), 1))?;
+                write_report(&path, json.as_bytes())?;
             }
             if !quiet {
                 note!(
@@ -510,8 +584,11 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
             options.pairing = pairing_of(union, intersection);
             options.out_dtype = out_dtype_of(out_dtype);
             options.tokenizer_source = tokenizer_of(tokenizer_source);
-            options.cancel = Some(cancel);
+            options.cancel = Some(Arc::clone(&cancel));
             let plan = FilePlan::mean(&inputs, &mean, &output, &options)?;
+            if let Some(path) = &report {
+                plan.check_side_output(path)?;
+            }
             if dry_run {
                 let averaged = plan.averaged();
                 out!(
@@ -526,17 +603,18 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
                 return Ok(());
             }
             let started = std::time::Instant::now();
-            let (progress, bar) = progress_reporter(plan.len(), quiet);
+            let (progress, bar) = progress_reporter(plan.len(), quiet, &cancel);
             interrupt::writing();
             let result = plan.write(progress);
             if let Some(bar) = &bar {
                 bar.finish_and_clear();
             }
-            let stats = result?.means;
+            let written = result?;
+            removed_notes(&written.removed);
+            let stats = written.means;
             if let Some(path) = report {
                 let json = serde_json::to_string_pretty(&stats).expect("statistics serialise");
-                std::fs::write(&path, json + "\n")
-                    .map_err(|e| Failure(format!("{}: {e}", path.display()), 1))?;
+                write_report(&path, (json + "\n").as_bytes())?;
             }
             if !quiet {
                 note!(
@@ -634,10 +712,13 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
             let mut options = FileMerge::new(config, device(device_arg)?);
             options.pairing = pairing_of(union, intersection);
             options.out_dtype = out_dtype_of(out_dtype);
-            options.cancel = Some(cancel);
+            options.cancel = Some(Arc::clone(&cancel));
             options.base = base;
             options.tokenizer_source = tokenizer_of(tokenizer_source);
             let plan = FilePlan::merge(&a, &b, &output, &options)?;
+            if let Some(path) = &report {
+                plan.check_side_output(path)?;
+            }
             if dry_run {
                 print(format_args!("{}", plan.summary()))?;
                 return Ok(());
@@ -646,16 +727,17 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
                 note!("warning: {w}");
             }
             let started = std::time::Instant::now();
-            let (progress, bar) = progress_reporter(plan.len(), quiet);
+            let (progress, bar) = progress_reporter(plan.len(), quiet, &cancel);
             interrupt::writing();
             let result = plan.write(progress);
             if let Some(bar) = &bar {
                 bar.finish_and_clear();
             }
-            let result = result?.report;
+            let written = result?;
+            removed_notes(&written.removed);
+            let result = written.report;
             if let Some(path) = report {
-                std::fs::write(&path, result.to_json())
-                    .map_err(|e| Failure(format!("{}: {e}", path.display()), 1))?;
+                write_report(&path, result.to_json().as_bytes())?;
             }
             if !quiet {
                 for w in &result.warnings {
@@ -677,6 +759,7 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
 fn main() -> ExitCode {
     // First of all, so that a signal at any point ends the command the same way.
     let cancel = interrupt::flag();
+    burn_slerp::checkpoint::handle_bus_errors();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -12,6 +12,7 @@ use super::convert::{
     convert, encode, encode_f32, f32_values, label, round_to, rounds, to_f32, to_f64,
 };
 use super::error::CheckpointError;
+use super::fault::Registered;
 use super::options::{FileMerge, Progress};
 use super::plan::{Op, OutputTensor, Source};
 use super::read::{Checkpoint, Data};
@@ -46,6 +47,8 @@ pub(super) struct Run {
     error: Mutex<Option<CheckpointError>>,
     /// Buffers reused from tensor to tensor.
     scratch: Mutex<Scratch>,
+    /// Files created in a folder output, known to the bus-error handler while the run lives.
+    tracked: Mutex<Vec<Registered>>,
 }
 
 /// The progress callback and the tensors written so far.
@@ -93,6 +96,7 @@ impl Run {
             total,
             error: Mutex::new(None),
             scratch: Mutex::new(Scratch::default()),
+            tracked: Mutex::new(Vec::new()),
         }
     }
 
@@ -159,6 +163,17 @@ impl Run {
         let mut stats = std::mem::take(&mut *lock(&self.mean_stats));
         stats.sort_by_key(|(index, _)| *index);
         stats.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// Makes a file created inside the temporary known to the bus-error handler, which
+    /// removes it with the temporary.
+    pub(super) fn track(&self, path: &std::path::Path) {
+        lock(&self.tracked).push(Registered::temporary(path));
+    }
+
+    /// [`CheckpointError::Interrupted`] once the options' cancellation flag is set.
+    pub(super) fn check_cancel(&self) -> Result<(), CheckpointError> {
+        self.options.check_cancel()
     }
 
     /// Keeps the first error of a writer that cannot return one.

@@ -16,6 +16,7 @@ mod compute;
 mod convert;
 mod durable;
 mod error;
+mod fault;
 mod folder;
 mod formats;
 mod hub;
@@ -34,6 +35,7 @@ use crate::module::mean::{MeanStats, SphericalMean};
 use crate::report::{MergePlan, MergeReport};
 use crate::schedule::Assignment;
 pub use error::CheckpointError;
+pub use fault::handle_bus_errors;
 pub use options::{FileMerge, OutDType, Pairing, Progress, TokenizerSource};
 pub use plan::{FilePlan, Written, output_format};
 use plan::{Op, OutputTensor, Source, is_float};
@@ -170,6 +172,18 @@ pub fn compare_files(a: &Path, b: &Path, device: &Device) -> Result<MergeReport,
         run.compute(tensor)?;
     }
     Ok(run.report())
+}
+
+/// Writes a report (or any small file) the way outputs are written: through a temporary
+/// beside it, synced, renamed into place, the folder synced; a file already at `path` is
+/// replaced only by the complete new one. Check it first with
+/// [`FilePlan::check_side_output`].
+///
+/// # Errors
+///
+/// [`CheckpointError::Io`] naming `path`.
+pub fn write_report(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    write::write_small(path, bytes)
 }
 
 /// `(name, dtype, shape)` of every tensor of a checkpoint, in file order.

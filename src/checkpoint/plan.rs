@@ -13,6 +13,7 @@ use burn::tensor::DType;
 
 use super::convert::{label, to_safetensors};
 use super::error::CheckpointError;
+use super::folder::{ModelFiles, plan_model_files};
 use super::options::{FileMerge, OutDType, Pairing, Progress};
 use super::read::{Checkpoint, Entry, Format};
 use crate::config::SlerpConfig;
@@ -115,6 +116,8 @@ pub struct FilePlan {
     pub(super) format: Format,
     pub(super) options: FileMerge,
     pub(super) card: Card,
+    /// What a model folder output holds besides its weights, when it is one.
+    pub(super) model: Option<ModelFiles>,
 }
 
 /// What [`FilePlan::write`] computed.
@@ -124,6 +127,11 @@ pub struct Written {
     pub report: MergeReport,
     /// What the mean computed for every averaged tensor, in the output's order.
     pub means: Vec<MeanStats>,
+    /// Temporaries of stopped runs into the same output (their lock was free), removed before
+    /// this one began.
+    pub removed: Vec<PathBuf>,
+    /// The plan's warnings (as [`FilePlan::warnings`]).
+    pub warnings: Vec<String>,
 }
 
 impl FilePlan {
@@ -317,7 +325,7 @@ impl FilePlan {
     fn new(
         inputs: Vec<Checkpoint>,
         tensors: Vec<OutputTensor>,
-        warnings: Vec<String>,
+        mut warnings: Vec<String>,
         out: &Path,
         format: Format,
         options: &FileMerge,
@@ -332,6 +340,20 @@ impl FilePlan {
             }
         }
         check_output(out, format)?;
+        let folders: Vec<Option<&Path>> = inputs.iter().take(2).map(|c| c.folder()).collect();
+        let model = match folders[..] {
+            [a, b] if format == Format::Sharded && (a.is_some() || b.is_some()) => {
+                Some(plan_model_files(
+                    a,
+                    b,
+                    options.out_dtype.map(OutDType::dtype),
+                    options,
+                    card.layers.as_deref(),
+                    &mut warnings,
+                )?)
+            }
+            _ => None,
+        };
         Ok(Self {
             inputs,
             tensors,
@@ -340,6 +362,7 @@ impl FilePlan {
             format,
             options: options.clone(),
             card,
+            model,
         })
     }
 
@@ -397,6 +420,17 @@ impl FilePlan {
         &self.out
     }
 
+    /// Refuses a further file the command would write (a report) where it names an input or
+    /// the output, before anything is computed.
+    ///
+    /// # Errors
+    ///
+    /// [`CheckpointError::Output`] naming `path`.
+    pub fn check_side_output(&self, path: &Path) -> Result<(), CheckpointError> {
+        let inputs: Vec<&Checkpoint> = self.inputs.iter().collect();
+        check_side_output(path, &inputs, &self.out)
+    }
+
     /// Computes and writes the plan; `progress` is called after each tensor is written.
     ///
     /// # Errors
@@ -423,6 +457,43 @@ fn check_weights(inputs: usize, mean: &SphericalMean) -> Result<(), CheckpointEr
         }));
     }
     mean.validate(inputs).map_err(CheckpointError::Merge)
+}
+
+/// Refuses `path` for a further output (a report) where it names one of `inputs`' files or
+/// `out`.
+pub(crate) fn check_side_output(
+    path: &Path,
+    inputs: &[&Checkpoint],
+    out: &Path,
+) -> Result<(), CheckpointError> {
+    let refuse = |what: &str| {
+        Err(CheckpointError::Output {
+            path: path.to_path_buf(),
+            reason: format!("it is {what}: name another file"),
+        })
+    };
+    if inputs
+        .iter()
+        .any(|input| input.files().iter().any(|f| same_file(f, path)))
+    {
+        return refuse("an input");
+    }
+    let absolute = |p: &Path| {
+        let parent = std::fs::canonicalize(match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        });
+        parent
+            .ok()
+            .map(|d| d.join(p.file_name().unwrap_or_default()))
+    };
+    if same_file(out, path) || (absolute(out).is_some() && absolute(out) == absolute(path)) {
+        return refuse("the output");
+    }
+    if path.is_dir() {
+        return refuse("a folder");
+    }
+    Ok(())
 }
 
 /// Whether two paths name the same file or folder (the output may not exist yet).

@@ -32,6 +32,8 @@ pub(crate) const SINGLE: &str = "model.safetensors";
 const PYTORCH_INDEX: &str = "pytorch_model.bin.index.json";
 /// The weights file of an older model folder with one PyTorch file.
 const PYTORCH_SINGLE: &str = "pytorch_model.bin";
+/// The largest index file read.
+const MAX_INDEX: u64 = 64 << 20;
 /// What a model folder is searched for, in this order.
 const FOLDER_WEIGHTS: [&str; 4] = [INDEX, SINGLE, PYTORCH_INDEX, PYTORCH_SINGLE];
 
@@ -299,6 +301,14 @@ pub(super) fn read_index(
     ),
     CheckpointError,
 > {
+    // A real index is a few hundred kilobytes; a larger one is refused before it is read.
+    let len = std::fs::metadata(index).map_err(io(index))?.len();
+    if len > MAX_INDEX {
+        return Err(format_error(
+            index,
+            format!("{len} bytes, more than an index file holds (at most {MAX_INDEX})"),
+        ));
+    }
     let text = std::fs::read_to_string(index).map_err(io(index))?;
     let json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| format_error(index, format!("not a valid index file: {e}")))?;

@@ -20,11 +20,9 @@ use super::syntax::{
 use crate::checkpoint::plan::is_float;
 use crate::checkpoint::plan::{Listed, Listing, check_listed};
 use crate::checkpoint::{
-    Checkpoint, CheckpointError, FileMerge, FilePlan, OutDType, Progress, TokenizerSource,
+    Checkpoint, CheckpointError, FileMerge, FilePlan, OutDType, Progress, TokenizerSource, Written,
 };
 use crate::config::{Granularity, SlerpConfig, ZeroNorm};
-use crate::module::mean::MeanStats;
-use crate::report::MergeReport;
 
 /// A recipe resolved against its models: what [`yaml_files`] writes.
 pub struct YamlPlan {
@@ -67,8 +65,27 @@ impl YamlPlan {
         }
     }
 
+    /// Refuses a further file the command would write (a report) where it names one of the
+    /// recipe's models or `out`, before anything is computed.
+    ///
+    /// # Errors
+    ///
+    /// [`CheckpointError::Output`] naming `path`.
+    pub fn check_side_output(&self, path: &Path, out: &Path) -> Result<(), CheckpointError> {
+        let opened: Vec<&Checkpoint> = match (&self.inputs, &self.family) {
+            (Some((a, b)), _) => vec![a, b],
+            (None, Some(family)) => family
+                .inputs
+                .iter()
+                .chain(family.base.as_ref().map(|(c, _)| c))
+                .collect(),
+            (None, None) => Vec::new(),
+        };
+        crate::checkpoint::plan::check_side_output(path, &opened, out)
+    }
+
     /// Whether the recipe is a mean (`nuslerp`, `multislerp`, `karcher`) rather than `slerp`:
-    /// [`yaml_files`] then returns [`YamlResult::Mean`].
+    /// [`yaml_files`] then fills [`Written::means`] rather than [`Written::report`].
     pub fn is_mean(&self) -> bool {
         self.family.is_some()
     }
@@ -678,16 +695,6 @@ fn config(exact: bool) -> SlerpConfig {
     }
 }
 
-/// What [`yaml_files`] computed: the report of a `slerp` recipe, or what the mean computed for
-/// each tensor of a `nuslerp`, `multislerp` or `karcher` recipe.
-#[derive(Debug)]
-pub enum YamlResult {
-    /// `merge_method: slerp`.
-    Slerp(MergeReport),
-    /// `merge_method: nuslerp`, `multislerp` or `karcher`.
-    Mean(Vec<MeanStats>),
-}
-
 /// Merges what `plan` resolved into `out` (a folder for a model folder, or a `.safetensors` /
 /// `.bpk` file), on `device`, one tensor at a time, as
 /// [`merge_files`](crate::checkpoint::merge_files) and
@@ -704,7 +711,7 @@ pub fn yaml_files(
     device: Device,
     cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     progress: impl FnMut(Progress<'_>) + Send + 'static,
-) -> Result<YamlResult, CheckpointError> {
+) -> Result<Written, CheckpointError> {
     if let Some(family) = plan.family.take() {
         let mut options = FileMerge::new(config(plan.exact), device);
         options.out_dtype = family.out_dtype.map(out_dtype);
@@ -717,9 +724,9 @@ pub fn yaml_files(
             ..
         } = family;
         let planned = FilePlan::mean_of(inputs, names, base, &mean, out, &options)?;
-        return Ok(YamlResult::Mean(planned.write(progress)?.means));
+        return planned.write(progress);
     }
-    slerp_files(plan, out, device, cancel, progress).map(YamlResult::Slerp)
+    slerp_files(plan, out, device, cancel, progress)
 }
 
 /// A dtype [`dtype_of`] reads, as the file layer's output dtype.
@@ -751,7 +758,7 @@ fn slerp_files(
     device: Device,
     cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     progress: impl FnMut(Progress<'_>) + Send + 'static,
-) -> Result<MergeReport, CheckpointError> {
+) -> Result<Written, CheckpointError> {
     let (a, b) = plan
         .inputs
         .take()
@@ -768,7 +775,5 @@ fn slerp_files(
         round: plan.input_dtype,
         layers: plan.layers.take(),
     };
-    Ok(FilePlan::listed(merge, out, &options)?
-        .write(progress)?
-        .report)
+    FilePlan::listed(merge, out, &options)?.write(progress)
 }

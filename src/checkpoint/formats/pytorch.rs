@@ -25,7 +25,15 @@ impl Storage for Pytorch {
             .tensors
             .get(index)
             .ok_or_else(|| format!("tensor `{}` is not listed", entry.name))?;
-        tensor.to_bytes().map(Data::Read).map_err(|e| e.to_string())
+        let bytes = caught(|| tensor.to_bytes())?.map_err(|e| e.to_string())?;
+        if bytes.len() != entry.bytes {
+            return Err(format!(
+                "{} bytes read, {} expected from its dtype and shape",
+                bytes.len(),
+                entry.bytes
+            ));
+        }
+        Ok(Data::Read(bytes))
     }
 
     /// Written as safetensors: `pytorch_model-00001-of-00002.bin` becomes
@@ -97,6 +105,19 @@ pub(in crate::checkpoint) fn open_pytorch_sharded(
     ))
 }
 
+/// `read()`, with a panic inside burn-store's PyTorch reader (a damaged pickle stream it does
+/// not expect) caught and turned into an error.
+fn caught<T>(read: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).map_err(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("a damaged file");
+        format!("the reader failed ({why})")
+    })
+}
+
 /// The tensors of one PyTorch file that `keep` keeps (sorted by name), with their entries in
 /// shard `shard`: names and layouts as stored (no index renumbering, no transposition).
 fn read_pytorch(
@@ -110,10 +131,14 @@ fn read_pytorch(
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
         });
     }
-    let mut store = PytorchStore::from_file(path).map_indices_contiguous(false);
-    let all = store
-        .get_all_tensors()
-        .map_err(|e| format_error(path, format!("not a readable PyTorch checkpoint: {e}")))?;
+    let unreadable =
+        |e: String| format_error(path, format!("not a readable PyTorch checkpoint: {e}"));
+    let all = caught(|| {
+        let mut store = PytorchStore::from_file(path).map_indices_contiguous(false);
+        store.get_all_tensors().cloned()
+    })
+    .map_err(unreadable)?
+    .map_err(|e| unreadable(e.to_string()))?;
     let tensors: Vec<burn_pack::Tensor> = all
         .iter()
         .filter(|(name, _)| keep(name))

@@ -15,6 +15,7 @@ use super::{Layout, ShardInfo, Storage, format_error, io};
 use crate::checkpoint::compute::Run;
 use crate::checkpoint::convert::{from_safetensors, to_safetensors};
 use crate::checkpoint::error::CheckpointError;
+use crate::checkpoint::fault::Registered;
 use crate::checkpoint::plan::OutputTensor;
 use crate::checkpoint::read::{
     Checkpoint, Data, Entry, Format, INDEX, SINGLE, missing_from_shards, read_index,
@@ -27,14 +28,18 @@ struct Shard {
     map: Mmap,
     header: usize,
     metadata: Metadata,
+    /// The map, known to the bus-error handler while it lives.
+    _registered: Registered,
 }
 
 impl Shard {
     fn open(path: &Path, file: String) -> Result<Self, CheckpointError> {
         let handle = File::open(path).map_err(io(path))?;
         // SAFETY: the map is read-only and lives as long as this value; a file truncated by
-        // another process while mapped would fault, as for any reader of a mapped file.
+        // another process while mapped faults on the next read past its end, which the
+        // bus-error handler reports (see `fault`).
         let map = unsafe { Mmap::map(&handle) }.map_err(io(path))?;
+        let registered = Registered::map(map.as_ptr() as usize, map.len(), path);
         let invalid = |e: safetensors::SafeTensorError| {
             format_error(path, format!("not a valid safetensors file: {e}"))
         };
@@ -46,6 +51,7 @@ impl Shard {
             map,
             header,
             metadata,
+            _registered: registered,
         })
     }
 
@@ -219,7 +225,9 @@ impl Layout for ShardedFolder {
                 .map_err(|source| CheckpointError::Io {
                     path: path.to_path_buf(),
                     source,
-                })
+                })?;
+            run.track(path);
+            Ok::<_, CheckpointError>(())
         };
         if single && run.model_folder() {
             // A model folder whose weights are one file: `model.safetensors`, as
@@ -327,6 +335,8 @@ fn write_file(
     for (tensor, _) in order {
         let mut length = 0;
         run.produce(tensor, &mut |bytes| {
+            // A signal stops a large tensor too, within a block.
+            run.check_cancel()?;
             length += bytes.len();
             file.write_all(bytes).map_err(io)
         })?;
