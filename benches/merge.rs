@@ -21,6 +21,9 @@
 //! user and system time of each (medians of 5 alternating runs), and the command's peak
 //! anonymous memory (`RssAnon` sampled every millisecond; the largest of the 5 runs).
 //!
+//! With `BENCH_ONLY=scale` and `BENCH_SCALE_DIR` it measures the 7B scale instead (see
+//! `scale`): not part of a plain run, the inputs take 27 GB.
+//!
 //! Usage: cargo bench --bench merge [--features ndarray,wgpu,cli] (`BENCH_ONLY=memory` or
 //! `BENCH_ONLY=files` for one half; `BENCH_DEVICES=flex,wgpu` for some of the devices)
 
@@ -599,7 +602,7 @@ mod files {
 
     /// One timed child process: wall, user and system seconds, and its peak `RssAnon` (sampled
     /// every millisecond).
-    fn run(command: &mut Command) -> (f64, f64, f64, u64) {
+    pub fn run(command: &mut Command) -> (f64, f64, f64, u64) {
         let (u0, s0) = children_cpu();
         let start = Instant::now();
         let mut child = command.spawn().unwrap();
@@ -648,8 +651,8 @@ mod files {
             let _ = Command::new("sync").status();
         };
         let runs = 5;
-        let (mut merge, mut cp, mut mean, mut base) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut merge, mut cp, mut mean, mut base, mut cp_sync) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let cli = || Command::new(env!("CARGO_BIN_EXE_burn-slerp"));
         for _ in 0..runs {
             settle(&out);
@@ -672,6 +675,14 @@ mod files {
             settle(&out);
             cp.push(run(Command::new("cp")
                 .arg("--reflink=never")
+                .arg(&pa)
+                .arg(&out)));
+            // The cost of durability: the merge syncs its output before the rename, as `cp`
+            // followed by `sync` of the file does.
+            settle(&out);
+            cp_sync.push(run(Command::new("sh")
+                .arg("-c")
+                .arg("cp --reflink=never \"$0\" \"$1\" && sync \"$1\"")
                 .arg(&pa)
                 .arg(&out)));
             settle(&out);
@@ -703,6 +714,12 @@ mod files {
             (3 * largest_bytes + 64_000_000) as f64 / 1e6,
             file as f64 / 1e6
         );
+        println!(
+            "files gpt2_small: durability: cp --reflink=never + sync {:.3} s; merge (synced) / \
+             (cp + sync) {:.2}",
+            pick(&cp_sync, 0),
+            wall / pick(&cp_sync, 0)
+        );
         let peak_of = |v: &[(f64, f64, f64, u64)]| v.iter().map(|r| r.3).max().unwrap_or(0);
         println!(
             "files gpt2_small: burn-slerp mean of 3 wall {:.3} s, peak anonymous {:.1} MB; \
@@ -718,6 +735,207 @@ mod files {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// The 7B scale: two Llama-2-7B-shaped bf16 model folders written beforehand by
+/// `cargo run --release --features cli --example llama_checkpoints -- DIR`, merged with
+/// `burn-slerp merge` and with `burn-slerp yaml` into `DIR/out`, each run after the inputs'
+/// pages are dropped from the page cache (`posix_fadvise(DONTNEED)` per file), against
+/// `cat A/* B/* > /dev/null; cat A/* > OUT` (a plain read of both inputs and a write of one, no
+/// `copy_file_range`) in the same run; peak anonymous memory sampled every millisecond; the
+/// output checked against an f64 reference on a sample of tensors.
+///
+/// Usage: `BENCH_ONLY=scale BENCH_SCALE_DIR=DIR cargo bench --bench merge --features cli`.
+#[cfg(feature = "cli")]
+mod scale {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    use half::bf16;
+    use safetensors::SafeTensors;
+
+    fn files(dir: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// Drops the pages of every file in `dirs` from the page cache.
+    fn drop_cache(dirs: &[&Path]) {
+        let _ = Command::new("sync").status();
+        for dir in dirs {
+            for file in files(dir) {
+                let handle = std::fs::File::open(&file).unwrap();
+                // SAFETY: posix_fadvise on an open descriptor, over the whole file.
+                unsafe {
+                    use std::os::fd::AsRawFd;
+                    libc::posix_fadvise(handle.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+                }
+            }
+        }
+    }
+
+    fn remove(out: &Path) {
+        let _ = std::fs::remove_dir_all(out);
+        let _ = std::fs::remove_file(out);
+        let _ = Command::new("sync").status();
+    }
+
+    /// The values of a bf16 tensor of a sharded folder.
+    fn tensor(dir: &Path, name: &str) -> Vec<f64> {
+        let index: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.join("model.safetensors.index.json")).unwrap(),
+        )
+        .unwrap();
+        let file = dir.join(index["weight_map"][name].as_str().unwrap());
+        let handle = std::fs::File::open(file).unwrap();
+        // SAFETY: a read-only map of a file nothing writes while the bench runs.
+        let map = unsafe { memmap2::Mmap::map(&handle) }.unwrap();
+        let st = SafeTensors::deserialize(&map).unwrap();
+        st.tensor(name)
+            .unwrap()
+            .data()
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect()
+    }
+
+    /// Whole-tensor SLERP of `a` and `b` at `t`, in f64 (the angle from the chord lengths).
+    fn reference(a: &[f64], b: &[f64], t: f64) -> Vec<f64> {
+        let na = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let nb = b.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let (mut minus, mut plus) = (0.0, 0.0);
+        for (x, y) in a.iter().zip(b) {
+            minus += (x / na - y / nb).powi(2);
+            plus += (x / na + y / nb).powi(2);
+        }
+        let theta = 2.0 * minus.sqrt().atan2(plus.sqrt());
+        let (c0, c1) = if theta == 0.0 {
+            (1.0 - t, t)
+        } else {
+            (
+                ((1.0 - t) * theta).sin() / theta.sin(),
+                (t * theta).sin() / theta.sin(),
+            )
+        };
+        a.iter().zip(b).map(|(x, y)| c0 * x + c1 * y).collect()
+    }
+
+    /// The largest difference between `out` and the reference, in bf16 units of the reference.
+    fn check(dir: &Path, out: &Path, name: &str) -> f64 {
+        let (a, b, got) = (
+            tensor(&dir.join("a"), name),
+            tensor(&dir.join("b"), name),
+            tensor(out, name),
+        );
+        let want = reference(&a, &b, 0.5);
+        got.iter()
+            .zip(&want)
+            .map(|(g, w)| (g - w).abs() / (w.abs() / 256.0).max(1e-30))
+            .fold(0.0, f64::max)
+    }
+
+    pub fn figures() {
+        let Ok(dir) = std::env::var("BENCH_SCALE_DIR") else {
+            println!(
+                "scale: set BENCH_SCALE_DIR to a folder written by the llama_checkpoints example"
+            );
+            return;
+        };
+        let dir = PathBuf::from(dir);
+        let (a, b, out) = (dir.join("a"), dir.join("b"), dir.join("out"));
+        let bytes: u64 = files(&a)
+            .iter()
+            .map(|f| std::fs::metadata(f).unwrap().len())
+            .sum();
+        let recipe = dir.join("recipe.yml");
+        std::fs::write(
+            &recipe,
+            format!(
+                "merge_method: slerp\nbase_model: {}\nmodels:\n  - model: {}\n  - model: {}\n\
+                 parameters:\n  t: 0.5\ndtype: bfloat16\n",
+                a.display(),
+                a.display(),
+                b.display()
+            ),
+        )
+        .unwrap();
+        let cli = || Command::new(env!("CARGO_BIN_EXE_burn-slerp"));
+        remove(&out);
+        drop_cache(&[&a, &b]);
+        let cat = format!(
+            "cat {a}/* {b}/* > /dev/null && mkdir -p {o} && cat {a}/*.safetensors > {o}/all && sync {o}/all",
+            a = a.display(),
+            b = b.display(),
+            o = out.display()
+        );
+        let baseline = super::files::run(Command::new("sh").arg("-c").arg(&cat));
+        remove(&out);
+        drop_cache(&[&a, &b]);
+        let merge = super::files::run(
+            cli()
+                .arg("merge")
+                .args([&a, &b])
+                .arg("-o")
+                .arg(&out)
+                .args(["-t", "0.5", "-q"]),
+        );
+        let samples = [
+            "model.embed_tokens.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.31.mlp.down_proj.weight",
+            "lm_head.weight",
+        ];
+        let worst = samples
+            .iter()
+            .filter(|n| !n.contains("31") || out.join("model-00002-of-00002.safetensors").exists())
+            .map(|n| check(&dir, &out, n))
+            .fold(0.0, f64::max);
+        remove(&out);
+        drop_cache(&[&a, &b]);
+        let yaml = super::files::run(cli().arg("yaml").arg(&recipe).arg(&out).arg("-q"));
+        remove(&out);
+        let line = |what: &str, r: (f64, f64, f64, u64)| {
+            println!(
+                "scale {what}: wall {:.1} s (user {:.1} s, system {:.1} s), peak anonymous {:.1} \
+                 MB; / baseline {:.2}",
+                r.0,
+                r.1,
+                r.2,
+                r.3 as f64 / 1e6,
+                r.0 / baseline.0
+            );
+        };
+        println!(
+            "scale: {:.2} GB per model; baseline cat A/* B/* > /dev/null; cat A/* > OUT; sync: \
+             {:.1} s ({:.0} MB/s over the bytes read and written)",
+            bytes as f64 / 1e9,
+            baseline.0,
+            3.0 * bytes as f64 / baseline.0 / 1e6
+        );
+        line("burn-slerp merge", merge);
+        line("burn-slerp yaml", yaml);
+        println!(
+            "scale: merge output against the f64 reference on {} tensors: largest error {worst:.3} \
+             bf16 half-ulps (1 = rounding alone)",
+            samples.len()
+        );
+    }
+}
+
+#[cfg(feature = "cli")]
+fn bench_scale(_: &mut Criterion) {
+    if std::env::var("BENCH_ONLY").is_ok_and(|o| o == "scale") {
+        scale::figures();
+    }
+}
+
+#[cfg(not(feature = "cli"))]
+fn bench_scale(_: &mut Criterion) {}
 
 #[cfg(feature = "cli")]
 fn bench_files(_: &mut Criterion) {
@@ -737,5 +955,5 @@ fn bench_files(_: &mut Criterion) {
 #[cfg(not(feature = "cli"))]
 fn bench_files(_: &mut Criterion) {}
 
-criterion_group!(benches, bench_merge, bench_files);
+criterion_group!(benches, bench_merge, bench_files, bench_scale);
 criterion_main!(benches);
