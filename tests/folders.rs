@@ -662,8 +662,12 @@ fn hub_names_are_found_in_the_local_cache() {
     assert!(o.status.success(), "{}", stderr(&o));
     expect(1, &out);
     let cache = home.join("hub");
-    let env = [("HF_HUB_CACHE", cache.as_path())];
-    // Not in the cache: where it looked; a revision that is not there: the snapshots there are.
+    // Offline (the network is never reached in tests): where it looked, and for a revision
+    // that is not there, the snapshots there are.
+    let env = [
+        ("HF_HUB_CACHE", cache.as_path()),
+        ("HF_HUB_OFFLINE", Path::new("1")),
+    ];
     let out = dir.join("never");
     let o = run(
         &["merge", "org/other", s(&b), "-o", s(&out), "-t", "0.5"],

@@ -757,10 +757,6 @@ fn slerp_family_refusals_name_what_is_wrong() {
             "`slices:` with merge_method `karcher`",
         ),
         (
-            "models:\n  - model: ./a\nmerge_method: multislerp\nparameters:\n  weight: 1\n",
-            "copy the model",
-        ),
-        (
             "models:\n  - model: ./a\n    parameters:\n      weight: 1\n  - model: ./b\n    parameters:\n      weight: -1\nmerge_method: multislerp\n",
             "sum to 0",
         ),
@@ -775,5 +771,47 @@ fn slerp_family_refusals_name_what_is_wrong() {
         let e = fails(&dir, &["yaml", &file, "out"]);
         assert!(e.contains(expect), "case {i}: {e}");
         assert!(!dir.join("out").exists());
+    }
+}
+
+/// mergekit's multislerp returns a lone model as it is: its tensors (converted to `out_dtype`
+/// when the recipe gives one), with the model folder's files.
+#[test]
+fn multislerp_of_one_model_is_that_model() {
+    let dir = scratch("multislerp-one");
+    model(&dir, "a", 5, "LlamaForCausalLM", None);
+    std::fs::write(
+        dir.join("one.yml"),
+        "models:\n  - model: ./a\nmerge_method: multislerp\nparameters:\n  weight: 1\n",
+    )
+    .unwrap();
+    succeeds(&dir, &["yaml", "one.yml", "out"]);
+    assert!(
+        std::fs::read(dir.join("out/model.safetensors")).unwrap()
+            == std::fs::read(dir.join("a/model.safetensors")).unwrap(),
+        "the model, byte for byte"
+    );
+    assert_eq!(std::fs::read(dir.join("out/tokenizer.json")).unwrap(), b"a");
+    std::fs::write(
+        dir.join("half.yml"),
+        "models:\n  - model: ./a\nmerge_method: multislerp\nparameters:\n  weight: 1\nout_dtype: bfloat16\n",
+    )
+    .unwrap();
+    succeeds(&dir, &["yaml", "half.yml", "half"]);
+    let bytes = std::fs::read(dir.join("half/model.safetensors")).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    for name in names() {
+        let got: Vec<f64> = file
+            .tensor(&name)
+            .unwrap()
+            .data()
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect();
+        let want: Vec<f64> = tensor(5, &name)
+            .iter()
+            .map(|v| half::bf16::from_f32(*v as f32).to_f64())
+            .collect();
+        assert_eq!(got, want, "{name}: each value rounded once to bf16");
     }
 }

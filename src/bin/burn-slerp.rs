@@ -32,7 +32,7 @@ use burn_slerp::checkpoint::{
     CheckpointError, FileMerge, FilePlan, OutDType, Pairing, Progress, TokenizerSource,
     compare_files, inspect, shapes, write_report,
 };
-use burn_slerp::mergekit::{plan_yaml, yaml_files};
+use burn_slerp::mergekit::{plan_yaml, recipe_models, yaml_files};
 use burn_slerp::{Granularity, MeanMethod, SlerpConfig, SphericalMean};
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -364,6 +364,90 @@ mod interrupt {
     }
 }
 
+/// Shows Hub downloads as they happen: a bar per file (bytes) on a terminal, a line per file
+/// otherwise, nothing when quiet.
+fn show_downloads(quiet: bool) {
+    use burn_slerp::checkpoint::hub::{DownloadEvent, set_download_progress};
+    if quiet {
+        return;
+    }
+    let terminal = std::io::stderr().is_terminal();
+    let bar: std::sync::Mutex<Option<indicatif::ProgressBar>> = std::sync::Mutex::new(None);
+    set_download_progress(move |event| {
+        let mut bar = bar.lock().unwrap_or_else(|e| e.into_inner());
+        match event {
+            DownloadEvent::Start {
+                repo,
+                file,
+                size,
+                from,
+            } => {
+                if terminal {
+                    let shown = indicatif::ProgressBar::new(size);
+                    shown.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} [{eta}]",
+                        )
+                        .expect("a valid template"),
+                    );
+                    shown.set_message(format!("{repo}/{file}"));
+                    shown.set_position(from);
+                    *bar = Some(shown);
+                } else {
+                    let resumed = if from > 0 {
+                        format!(", resuming at {from}")
+                    } else {
+                        String::new()
+                    };
+                    note!("downloading {repo}/{file} ({size} bytes{resumed})");
+                }
+            }
+            DownloadEvent::Progress { done, .. } => {
+                if let Some(shown) = &*bar {
+                    shown.set_position(done);
+                }
+            }
+            DownloadEvent::Done { repo, file } => {
+                if let Some(shown) = bar.take() {
+                    shown.finish_and_clear();
+                }
+                note!("downloaded {repo}/{file}");
+            }
+            _ => {}
+        }
+    });
+}
+
+/// What `--dry-run` would download from the Hub for the models named `specs` (those neither
+/// on disk nor in the cache), printed; whether anything is missing, in which case the merge
+/// cannot be planned without it.
+fn dry_run_downloads(specs: &[String]) -> Result<bool, Failure> {
+    let mut missing = false;
+    for spec in specs {
+        let Some(list) = burn_slerp::checkpoint::hub::plan_download(spec)? else {
+            continue;
+        };
+        missing |= !list.files.is_empty();
+        out!(
+            "{} at {}: {} files to download, {} bytes",
+            list.repo,
+            list.commit,
+            list.files.len(),
+            list.bytes()
+        );
+        for (file, size) in &list.files {
+            out!("  {file}  {size} bytes");
+        }
+        for file in &list.cached {
+            out!("  {file}  (in the cache)");
+        }
+    }
+    if missing {
+        out!("nothing was downloaded (--dry-run); the merge is planned once the files are here");
+    }
+    Ok(missing)
+}
+
 /// Names the temporaries of stopped runs that the merge removed before it began.
 fn removed_notes(removed: &[PathBuf]) {
     for path in removed {
@@ -508,6 +592,10 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
             quiet,
         } => {
             let device = device(device_arg)?;
+            if dry_run && dry_run_downloads(&recipe_models(&recipe)?)? {
+                return Ok(());
+            }
+            show_downloads(quiet);
             let plan = plan_yaml(&recipe, exact)?;
             if let Some(path) = &report {
                 plan.check_side_output(path, &output)?;
@@ -585,6 +673,12 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
             options.out_dtype = out_dtype_of(out_dtype);
             options.tokenizer_source = tokenizer_of(tokenizer_source);
             options.cancel = Some(Arc::clone(&cancel));
+            let mut named: Vec<String> = inputs.iter().map(|p| p.display().to_string()).collect();
+            named.extend(options.base.iter().map(|p| p.display().to_string()));
+            if dry_run && dry_run_downloads(&named)? {
+                return Ok(());
+            }
+            show_downloads(quiet);
             let plan = FilePlan::mean(&inputs, &mean, &output, &options)?;
             if let Some(path) = &report {
                 plan.check_side_output(path)?;
@@ -715,6 +809,12 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
             options.cancel = Some(Arc::clone(&cancel));
             options.base = base;
             options.tokenizer_source = tokenizer_of(tokenizer_source);
+            let mut named = vec![a.display().to_string(), b.display().to_string()];
+            named.extend(options.base.iter().map(|p| p.display().to_string()));
+            if dry_run && dry_run_downloads(&named)? {
+                return Ok(());
+            }
+            show_downloads(quiet);
             let plan = FilePlan::merge(&a, &b, &output, &options)?;
             if let Some(path) = &report {
                 plan.check_side_output(path)?;

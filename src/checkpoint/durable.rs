@@ -57,8 +57,8 @@ pub(crate) fn sync_tree(dir: &Path) -> std::io::Result<()> {
 
 /// Writes `bytes` to a new file at `path` (created exclusively: never through a link) and
 /// syncs it.
-pub(crate) fn write_new(path: &Path, bytes: &[u8]) -> Result<(), super::CheckpointError> {
-    let io = |source| super::CheckpointError::Io {
+pub(crate) fn write_new(path: &Path, bytes: &[u8]) -> Result<(), super::error::CheckpointError> {
+    let io = |source| super::error::CheckpointError::Io {
         path: path.to_path_buf(),
         source,
     };

@@ -92,6 +92,14 @@ pub enum CheckpointError {
         /// What is refused, and why.
         reason: String,
     },
+    /// A model could not be had from the Hugging Face Hub: what happened and what to do.
+    #[error("{repo}: {message}")]
+    Hub {
+        /// The repository, as named.
+        repo: String,
+        /// What happened, and what to do.
+        message: String,
+    },
     /// The merge was stopped through [`FileMerge::cancel`](super::FileMerge::cancel); nothing was written.
     #[error("interrupted; nothing was written")]
     Interrupted,

@@ -11,10 +11,9 @@ use burn::tensor::DType;
 use super::durable::write_new;
 use super::error::CheckpointError;
 use super::options::{FileMerge, TokenizerSource};
-use super::plan::Card;
 
 /// The tokenizer's files, whichever exist; `additional_chat_templates` is a folder.
-const TOKENIZER_FILES: [&str; 11] = [
+pub(crate) const TOKENIZER_FILES: [&str; 11] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "chat_template.jinja",
@@ -33,6 +32,19 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> CheckpointError + '_ {
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// What a model folder's card says was done.
+pub(super) struct Card {
+    /// Every input, as it was given.
+    pub(super) names: Vec<String>,
+    /// The base of the task vectors, as it was given.
+    pub(super) base: Option<String>,
+    pub(super) method: &'static str,
+    pub(super) recipe: String,
+    /// For each output layer, the input layer it comes from, when the layers change
+    /// (`config.json`'s layer count and per-layer lists follow).
+    pub(super) layers: Option<Vec<usize>>,
 }
 
 /// One file a model folder output takes from an input's folder: where it is read (a regular
@@ -234,7 +246,7 @@ fn read_small(file: &Path, named: &Path) -> Result<String, CheckpointError> {
 
 /// The `.py` files a `config.json`'s `auto_map` names (`"modeling_x.ModelX"`, or
 /// `"repo--modeling_x.ModelX"` for code of another repository, which is not copied).
-fn auto_map_files(config: &serde_json::Value) -> Vec<String> {
+pub(crate) fn auto_map_files(config: &serde_json::Value) -> Vec<String> {
     let mut files: Vec<String> = Vec::new();
     let mut add = |reference: &str| {
         if reference.contains("--") {

@@ -13,8 +13,8 @@ use burn::tensor::DType;
 
 use super::convert::{label, to_safetensors};
 use super::error::CheckpointError;
-use super::folder::{ModelFiles, plan_model_files};
-use super::options::{FileMerge, OutDType, Pairing, Progress};
+use super::folder::{Card, ModelFiles, plan_model_files};
+use super::options::{FileMerge, OutDType, Pairing};
 use super::read::{Checkpoint, Entry, Format};
 use crate::config::SlerpConfig;
 use crate::error::MergeError;
@@ -89,19 +89,6 @@ pub(super) struct OutputTensor {
     pub(super) shard: usize,
     /// Bytes written.
     pub(super) byte_len: usize,
-}
-
-/// What a model folder's card says was done.
-pub(super) struct Card {
-    /// Every input, as it was given.
-    pub(super) names: Vec<String>,
-    /// The base of the task vectors, as it was given.
-    pub(super) base: Option<String>,
-    pub(super) method: &'static str,
-    pub(super) recipe: String,
-    /// For each output layer, the input layer it comes from, when the layers change
-    /// (`config.json`'s layer count and per-layer lists follow).
-    pub(super) layers: Option<Vec<usize>>,
 }
 
 /// A file merge, planned and checked: what [`FilePlan::write`] computes and writes. Built by
@@ -253,6 +240,51 @@ impl FilePlan {
         Self::new(inputs, tensors, Vec::new(), out, format, options, card)
     }
 
+    /// The plan of one model written as it is (a mergekit multislerp of one model), its float
+    /// tensors converted to `options.out_dtype` when set.
+    pub(crate) fn copy_of(
+        input: Checkpoint,
+        name: String,
+        out: &Path,
+        options: &FileMerge,
+    ) -> Result<Self, CheckpointError> {
+        options.check_cancel()?;
+        let format = output_format(out)?;
+        let tensors = input
+            .entries()
+            .iter()
+            .enumerate()
+            .map(|(index, e)| {
+                let own = e
+                    .dtype
+                    .ok_or_else(|| unsupported(&e.name, &e.label, "-", "Burn has no such type"))?;
+                let dtype = if is_float(own) {
+                    options.out_dtype.map_or(own, OutDType::dtype)
+                } else {
+                    own
+                };
+                Ok(OutputTensor {
+                    name: e.name.clone(),
+                    index,
+                    dtype,
+                    shape: e.shape.clone(),
+                    op: Op::Copy(Source::new(0, &e.name)),
+                    param_id: e.param_id,
+                    shard: e.shard,
+                    byte_len: e.shape.iter().product::<usize>() * dtype.size(),
+                })
+            })
+            .collect::<Result<Vec<_>, CheckpointError>>()?;
+        let card = Card {
+            names: vec![name],
+            base: None,
+            method: "multislerp of one model, which returns it as it is",
+            recipe: String::new(),
+            layers: None,
+        };
+        Self::new(vec![input], tensors, Vec::new(), out, format, options, card)
+    }
+
     /// The plan of a two-input merge whose output tensors a recipe lists itself (see
     /// [`Listed`]).
     pub(crate) fn listed(
@@ -340,9 +372,12 @@ impl FilePlan {
             }
         }
         check_output(out, format)?;
-        let folders: Vec<Option<&Path>> = inputs.iter().take(2).map(|c| c.folder()).collect();
-        let model = match folders[..] {
-            [a, b] if format == Format::Sharded && (a.is_some() || b.is_some()) => {
+        let (a, b) = (
+            inputs.first().and_then(Checkpoint::folder),
+            inputs.get(1).and_then(Checkpoint::folder),
+        );
+        let model = match (a, b) {
+            (a, b) if format == Format::Sharded && (a.is_some() || b.is_some()) => {
                 Some(plan_model_files(
                     a,
                     b,
@@ -429,19 +464,6 @@ impl FilePlan {
     pub fn check_side_output(&self, path: &Path) -> Result<(), CheckpointError> {
         let inputs: Vec<&Checkpoint> = self.inputs.iter().collect();
         check_side_output(path, &inputs, &self.out)
-    }
-
-    /// Computes and writes the plan; `progress` is called after each tensor is written.
-    ///
-    /// # Errors
-    ///
-    /// As [`merge_files`](super::merge_files); on error nothing is left at the output (a file
-    /// already there is kept).
-    pub fn write(
-        self,
-        progress: impl FnMut(Progress<'_>) + Send + 'static,
-    ) -> Result<Written, CheckpointError> {
-        super::write::write(self, Box::new(progress))
     }
 }
 

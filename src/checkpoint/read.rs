@@ -9,8 +9,6 @@
 //! serde_json.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::File;
-use std::io::Read;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 
@@ -19,23 +17,19 @@ use burn::tensor::DType;
 
 use super::convert::label;
 use super::error::CheckpointError;
-use super::formats::{
-    BURNPACK_MAGIC, ShardInfo, Storage, open_burnpack, open_pytorch, open_pytorch_sharded,
-    open_safetensors, open_sharded,
-};
 
 /// The index file of a Hugging Face sharded checkpoint.
 pub(crate) const INDEX: &str = "model.safetensors.index.json";
 /// The weights file of a Hugging Face model folder with one file.
 pub(crate) const SINGLE: &str = "model.safetensors";
 /// The index file of a sharded PyTorch checkpoint.
-const PYTORCH_INDEX: &str = "pytorch_model.bin.index.json";
+pub(crate) const PYTORCH_INDEX: &str = "pytorch_model.bin.index.json";
 /// The weights file of an older model folder with one PyTorch file.
-const PYTORCH_SINGLE: &str = "pytorch_model.bin";
+pub(crate) const PYTORCH_SINGLE: &str = "pytorch_model.bin";
 /// The largest index file read.
 const MAX_INDEX: u64 = 64 << 20;
 /// What a model folder is searched for, in this order.
-const FOLDER_WEIGHTS: [&str; 4] = [INDEX, SINGLE, PYTORCH_INDEX, PYTORCH_SINGLE];
+pub(crate) const FOLDER_WEIGHTS: [&str; 4] = [INDEX, SINGLE, PYTORCH_INDEX, PYTORCH_SINGLE];
 
 /// The on-disk format of a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,12 +76,45 @@ impl Entry {
     }
 }
 
+/// A shard's file name and its `__metadata__`.
+pub(crate) type ShardInfo = (String, Option<HashMap<String, String>>);
+
+/// Where a checkpoint's tensors are read from, once its entries are listed.
+pub(crate) trait Storage: Send + Sync {
+    /// The bytes (little-endian, as stored) of the `index`-th entry; the error says why not.
+    fn bytes(&self, index: usize, entry: &Entry) -> Result<Data<'_>, String>;
+
+    /// The shards' file names and `__metadata__` (one unnamed shard for unsharded formats).
+    fn shards(&self) -> Vec<ShardInfo>;
+
+    /// Key/value metadata the file carries (safetensors `__metadata__`, burnpack metadata).
+    fn metadata(&self) -> HashMap<String, String> {
+        HashMap::new()
+    }
+
+    /// The `metadata` object of a sharded checkpoint's index file.
+    fn index_metadata(&self) -> serde_json::Map<String, serde_json::Value> {
+        Default::default()
+    }
+
+    /// Typed scalars (burnpack).
+    fn scalars(&self) -> BTreeMap<String, Scalar> {
+        BTreeMap::new()
+    }
+
+    /// Every file the weights are read from, `path` being what the checkpoint was opened
+    /// from.
+    fn files(&self, path: &Path) -> Vec<PathBuf> {
+        vec![path.to_path_buf()]
+    }
+}
+
 /// A checkpoint opened for merging: a `.safetensors` file, a Hugging Face sharded checkpoint (a
 /// folder with `model.safetensors.index.json`, or that index file) or a `.bpk` burnpack file.
 pub struct Checkpoint {
     path: PathBuf,
     /// The model folder it was found in (config, tokenizer), when it was given as one.
-    folder: Option<PathBuf>,
+    pub(super) folder: Option<PathBuf>,
     format: Format,
     entries: Vec<Entry>,
     by_name: HashMap<String, usize>,
@@ -111,14 +138,14 @@ impl Deref for Data<'_> {
     }
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> CheckpointError + '_ {
+pub(super) fn io(path: &Path) -> impl Fn(std::io::Error) -> CheckpointError + '_ {
     move |source| CheckpointError::Io {
         path: path.to_path_buf(),
         source,
     }
 }
 
-fn format_error(path: &Path, message: impl Into<String>) -> CheckpointError {
+pub(super) fn format_error(path: &Path, message: impl Into<String>) -> CheckpointError {
     CheckpointError::Format {
         path: path.to_path_buf(),
         message: message.into(),
@@ -126,69 +153,6 @@ fn format_error(path: &Path, message: impl Into<String>) -> CheckpointError {
 }
 
 impl Checkpoint {
-    /// Opens and validates a checkpoint: every header, dtype and offset; for a sharded one, also
-    /// that each tensor the index names is in its shard.
-    ///
-    /// `path` is a file, a model folder, or a model in the local Hugging Face cache
-    /// (`org/name`, `org/name@revision`; see `docs/guide.md`). A model folder is read from the first
-    /// of `model.safetensors.index.json`, `model.safetensors`, `pytorch_model.bin.index.json`
-    /// and `pytorch_model.bin` it holds. A file is read as burnpack when its name ends in
-    /// `.bpk` or it starts with burnpack's magic number, as PyTorch when it ends in `.bin`,
-    /// `.pt` or `.pth`, as an index when it ends in `.index.json`, as safetensors otherwise.
-    ///
-    /// # Errors
-    ///
-    /// [`CheckpointError::Io`] or [`CheckpointError::Format`], naming the file (for a folder
-    /// holding no checkpoint, what was looked for; for a hub name, where it was looked up).
-    pub fn open(path: &Path) -> Result<Self, CheckpointError> {
-        let resolved = super::hub::resolve(path)?;
-        let path = resolved.as_path();
-        if path.is_dir() {
-            let Some(file) = FOLDER_WEIGHTS.iter().find(|f| path.join(f).is_file()) else {
-                return Err(format_error(
-                    path,
-                    format!(
-                        "a folder holding no checkpoint (looked for {})",
-                        FOLDER_WEIGHTS.join(", ")
-                    ),
-                ));
-            };
-            let mut checkpoint = Self::open_file(&path.join(file))?;
-            checkpoint.folder = Some(path.to_path_buf());
-            return Ok(checkpoint);
-        }
-        Self::open_file(path)
-    }
-
-    /// Which reader opens a file: the one place the opening rules are written.
-    fn open_file(path: &Path) -> Result<Self, CheckpointError> {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if name.ends_with(".bin.index.json") {
-            return open_pytorch_sharded(path);
-        }
-        if name.ends_with(".index.json") {
-            return open_sharded(path, path);
-        }
-        if path
-            .extension()
-            .is_some_and(|e| e == "bin" || e == "pt" || e == "pth")
-        {
-            return open_pytorch(path, name);
-        }
-        let mut magic = [0u8; 4];
-        let is_burnpack = path.extension().is_some_and(|e| e == "bpk")
-            || File::open(path)
-                .and_then(|mut f| f.read_exact(&mut magic))
-                .is_ok_and(|()| magic == BURNPACK_MAGIC);
-        if is_burnpack {
-            return open_burnpack(path);
-        }
-        open_safetensors(path, name)
-    }
-
     pub(super) fn new(
         path: &Path,
         format: Format,

@@ -14,6 +14,7 @@ use super::error::CheckpointError;
 use super::fault::Registered;
 use super::folder::write_model_files;
 use super::formats::layout;
+use super::options::Progress;
 use super::plan::{FilePlan, Written};
 
 /// Temporary files and folders created so far by this process: the unique part of their names.
@@ -176,8 +177,23 @@ pub(super) fn remove_stale(out: &Path) -> Vec<PathBuf> {
     removed
 }
 
+impl FilePlan {
+    /// Computes and writes the plan; `progress` is called after each tensor is written.
+    ///
+    /// # Errors
+    ///
+    /// As [`merge_files`](super::merge_files); on error nothing is left at the output (a file
+    /// already there is kept).
+    pub fn write(
+        self,
+        progress: impl FnMut(Progress<'_>) + Send + 'static,
+    ) -> Result<Written, CheckpointError> {
+        write(self, Box::new(progress))
+    }
+}
+
 /// Computes and writes every tensor of `plan` through a temporary beside the output.
-pub(super) fn write(plan: FilePlan, progress: OnProgress) -> Result<Written, CheckpointError> {
+fn write(plan: FilePlan, progress: OnProgress) -> Result<Written, CheckpointError> {
     let FilePlan {
         inputs,
         tensors,

@@ -70,7 +70,8 @@ pub(super) struct Family {
     pub(super) inputs: Vec<Checkpoint>,
     pub(super) names: Vec<String>,
     pub(super) base: Option<(Checkpoint, String)>,
-    pub(super) mean: SphericalMean,
+    /// `None` for multislerp of one model, which returns it as it is.
+    pub(super) mean: Option<SphericalMean>,
     /// `out_dtype`: the output's dtype (the first model's by default).
     pub(super) out_dtype: Option<DType>,
 }
@@ -155,10 +156,12 @@ pub(super) fn resolve_family(
         names,
         base: task_base,
     } = open_inputs(method, first, &others, base.as_ref())?;
-    let mean = SphericalMean::new(vec![1.0; inputs.len()])
-        .map_err(CheckpointError::Merge)?
-        .with_method(mean_method)
-        .with_path_weights(weights);
+    let mean = if inputs.len() == 1 {
+        None
+    } else {
+        let mean = SphericalMean::new(vec![1.0; inputs.len()]).map_err(CheckpointError::Merge)?;
+        Some(mean.with_method(mean_method).with_path_weights(weights))
+    };
     check_eps(mean_method)?;
     Ok(Resolution {
         tensors,
@@ -252,12 +255,8 @@ fn unread_keys(
 fn check_arity(method: Method, others: usize, has_base: bool) -> Result<(), CheckpointError> {
     let name = method.name();
     match (method, others) {
-        (Method::Nuslerp, 2) | (Method::Multislerp | Method::Karcher, 2..) => {}
-        (Method::Multislerp, 1) => {
-            return Err(refused(
-                "multislerp of one model returns it as it is: copy the model instead".into(),
-            ));
-        }
+        // mergekit's multislerp returns a lone model as it is.
+        (Method::Nuslerp, 2) | (Method::Multislerp, 1..) | (Method::Karcher, 2..) => {}
         (Method::Karcher, 1) if has_base => {}
         (_, n) => {
             let wants = if method == Method::Nuslerp {

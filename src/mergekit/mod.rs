@@ -10,5 +10,5 @@ mod family;
 mod recipe;
 mod syntax;
 
-pub use recipe::{YamlPlan, plan_yaml, yaml_files};
+pub use recipe::{YamlPlan, plan_yaml, recipe_models, yaml_files};
 pub use syntax::YamlTensor;

@@ -153,6 +153,41 @@ impl std::fmt::Display for YamlPlan {
 /// outside [0, 1], a key it does not know, a tensor no `t` covers), and the errors of opening
 /// the models.
 pub fn plan_yaml(recipe: &Path, exact: bool) -> Result<YamlPlan, CheckpointError> {
+    let (parsed, family) = parse_recipe(recipe)?;
+    match family {
+        Some(method) => resolve_family(parsed, method, exact).map(YamlPlan::family),
+        None => resolve_recipe(parsed, exact),
+    }
+}
+
+/// The models a recipe names (`base_model`, `models:`, the sources of `slices:`), each once,
+/// in the order they appear: what `--dry-run` looks up on the Hub before anything is opened.
+///
+/// # Errors
+///
+/// As [`plan_yaml`] for a recipe that does not parse or is refused.
+pub fn recipe_models(recipe: &Path) -> Result<Vec<String>, CheckpointError> {
+    let (parsed, _) = parse_recipe(recipe)?;
+    let mut names: Vec<String> = Vec::new();
+    let mut add = |name: &String| {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    };
+    parsed.base_model.iter().for_each(&mut add);
+    for model in parsed.models.iter().flatten() {
+        add(&model.model);
+    }
+    for slice in parsed.slices.iter().flatten() {
+        for source in &slice.sources {
+            add(&source.model);
+        }
+    }
+    Ok(names)
+}
+
+/// The recipe, parsed, its method checked first, with the refusals every method shares.
+fn parse_recipe(recipe: &Path) -> Result<(Recipe, Option<Method>), CheckpointError> {
     let text = std::fs::read_to_string(recipe).map_err(|source| CheckpointError::Io {
         path: recipe.to_path_buf(),
         source,
@@ -171,10 +206,7 @@ pub fn plan_yaml(recipe: &Path, exact: bool) -> Result<YamlPlan, CheckpointError
     };
     let parsed: Recipe = serde_saphyr::from_str(&text).map_err(format)?;
     common_refusals(&parsed)?;
-    match family {
-        Some(method) => resolve_family(parsed, method, exact).map(YamlPlan::family),
-        None => resolve_recipe(parsed, exact),
-    }
+    Ok((parsed, family))
 }
 
 /// The keys refused whatever the method, with what to do instead.
@@ -723,7 +755,17 @@ pub fn yaml_files(
             mean,
             ..
         } = family;
-        let planned = FilePlan::mean_of(inputs, names, base, &mean, out, &options)?;
+        let planned = match mean {
+            Some(mean) => FilePlan::mean_of(inputs, names, base, &mean, out, &options)?,
+            None => {
+                let (Some(input), Some(name)) =
+                    (inputs.into_iter().next(), names.into_iter().next())
+                else {
+                    return Err(refused("the recipe lists no model to merge".into()));
+                };
+                FilePlan::copy_of(input, name, out, &options)?
+            }
+        };
         return planned.write(progress);
     }
     slerp_files(plan, out, device, cancel, progress)

@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use burn::store::burn_pack::{self, Bytes, Reader, Scalar, Writer};
 
-use super::{Layout, ShardInfo, Storage, format_error};
 use crate::checkpoint::compute::Run;
 use crate::checkpoint::error::CheckpointError;
+use crate::checkpoint::layout::Layout;
 use crate::checkpoint::plan::OutputTensor;
-use crate::checkpoint::read::{Checkpoint, Data, Entry, Format};
+use crate::checkpoint::read::{Checkpoint, Data, Entry, Format, ShardInfo, Storage, format_error};
 
 /// The first four bytes of every burnpack file ("BURN", little-endian).
 pub(in crate::checkpoint) const BURNPACK_MAGIC: [u8; 4] = burn_pack::MAGIC_NUMBER.to_le_bytes();

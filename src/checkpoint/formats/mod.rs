@@ -1,77 +1,23 @@
-//! The checkpoint formats, each behind one small interface per direction: a reader
-//! ([`Storage`]) gives the bytes of a tensor the checkpoint lists and what its files carry
-//! besides tensors; a writer ([`Layout`]) takes the planned output tensors in order and writes
-//! them into the temporary the atomic output renames into place. A new format is one new file
-//! here, with its place in [`super::read`]'s opening rules and in [`layout`].
+//! The checkpoint formats, one file each: a reader (a [`Storage`] behind the checkpoint's
+//! entries) and, for output formats, a writer (a [`Layout`]). A new format is one new file here,
+//! with its place in [`Checkpoint::open`]'s rules and in [`layout`].
 
 mod burnpack;
 mod pytorch;
 mod safetensors;
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
 
-use burn::store::burn_pack::Scalar;
-
-use super::compute::Run;
 use super::error::CheckpointError;
-use super::plan::OutputTensor;
-use super::read::{Data, Entry, Format};
-pub(super) use burnpack::{BURNPACK_MAGIC, open_burnpack};
-pub(super) use pytorch::{open_pytorch, open_pytorch_sharded};
-pub(super) use safetensors::{open_safetensors, open_sharded};
-
-/// A shard's file name and its `__metadata__`.
-pub(crate) type ShardInfo = (String, Option<HashMap<String, String>>);
-
-/// Where a checkpoint's tensors are read from, once its entries are listed.
-pub(crate) trait Storage: Send + Sync {
-    /// The bytes (little-endian, as stored) of the `index`-th entry; the error says why not.
-    fn bytes(&self, index: usize, entry: &Entry) -> Result<Data<'_>, String>;
-
-    /// The shards' file names and `__metadata__` (one unnamed shard for unsharded formats).
-    fn shards(&self) -> Vec<ShardInfo>;
-
-    /// Key/value metadata the file carries (safetensors `__metadata__`, burnpack metadata).
-    fn metadata(&self) -> HashMap<String, String> {
-        HashMap::new()
-    }
-
-    /// The `metadata` object of a sharded checkpoint's index file.
-    fn index_metadata(&self) -> serde_json::Map<String, serde_json::Value> {
-        Default::default()
-    }
-
-    /// Typed scalars (burnpack).
-    fn scalars(&self) -> BTreeMap<String, Scalar> {
-        BTreeMap::new()
-    }
-
-    /// Every file the weights are read from, `path` being what the checkpoint was opened
-    /// from.
-    fn files(&self, path: &Path) -> Vec<PathBuf> {
-        vec![path.to_path_buf()]
-    }
-}
-
-/// How an output format writes the planned tensors.
-pub(super) trait Layout {
-    /// Whether the output is a folder (its temporary is created as one).
-    fn folder(&self) -> bool {
-        false
-    }
-
-    /// Writes `tensors`, each computed by `run` when the writer reaches it, into `temp`
-    /// (created empty beforehand); `out` is named in errors.
-    fn write(
-        &self,
-        run: &Arc<Run>,
-        tensors: Vec<OutputTensor>,
-        temp: &Path,
-        out: &Path,
-    ) -> Result<(), CheckpointError>;
-}
+use super::layout::Layout;
+#[cfg(doc)]
+use super::read::Storage;
+use super::read::{Checkpoint, FOLDER_WEIGHTS, Format, format_error};
+use burnpack::{BURNPACK_MAGIC, open_burnpack};
+use pytorch::{open_pytorch, open_pytorch_sharded};
+use safetensors::{open_safetensors, open_sharded};
 
 /// The writer of an output format.
 pub(super) fn layout(format: Format) -> Box<dyn Layout> {
@@ -83,16 +29,67 @@ pub(super) fn layout(format: Format) -> Box<dyn Layout> {
     }
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io {
-        path: path.to_path_buf(),
-        source,
+impl Checkpoint {
+    /// Opens and validates a checkpoint: every header, dtype and offset; for a sharded one, also
+    /// that each tensor the index names is in its shard.
+    ///
+    /// `path` is a file, a model folder, or a model in the local Hugging Face cache
+    /// (`org/name`, `org/name@revision`; see `docs/guide.md`). A model folder is read from the first
+    /// of `model.safetensors.index.json`, `model.safetensors`, `pytorch_model.bin.index.json`
+    /// and `pytorch_model.bin` it holds. A file is read as burnpack when its name ends in
+    /// `.bpk` or it starts with burnpack's magic number, as PyTorch when it ends in `.bin`,
+    /// `.pt` or `.pth`, as an index when it ends in `.index.json`, as safetensors otherwise.
+    ///
+    /// # Errors
+    ///
+    /// [`CheckpointError::Io`] or [`CheckpointError::Format`], naming the file (for a folder
+    /// holding no checkpoint, what was looked for; for a hub name, where it was looked up).
+    pub fn open(path: &Path) -> Result<Self, CheckpointError> {
+        let resolved = super::hub::resolve(path)?;
+        let path = resolved.as_path();
+        if path.is_dir() {
+            let Some(file) = FOLDER_WEIGHTS.iter().find(|f| path.join(f).is_file()) else {
+                return Err(format_error(
+                    path,
+                    format!(
+                        "a folder holding no checkpoint (looked for {})",
+                        FOLDER_WEIGHTS.join(", ")
+                    ),
+                ));
+            };
+            let mut checkpoint = Self::open_file(&path.join(file))?;
+            checkpoint.folder = Some(path.to_path_buf());
+            return Ok(checkpoint);
+        }
+        Self::open_file(path)
     }
-}
 
-fn format_error(path: &Path, message: impl Into<String>) -> CheckpointError {
-    CheckpointError::Format {
-        path: path.to_path_buf(),
-        message: message.into(),
+    /// Which reader opens a file: the one place the opening rules are written.
+    fn open_file(path: &Path) -> Result<Self, CheckpointError> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.ends_with(".bin.index.json") {
+            return open_pytorch_sharded(path);
+        }
+        if name.ends_with(".index.json") {
+            return open_sharded(path, path);
+        }
+        if path
+            .extension()
+            .is_some_and(|e| e == "bin" || e == "pt" || e == "pth")
+        {
+            return open_pytorch(path, name);
+        }
+        let mut magic = [0u8; 4];
+        let is_burnpack = path.extension().is_some_and(|e| e == "bpk")
+            || File::open(path)
+                .and_then(|mut f| f.read_exact(&mut magic))
+                .is_ok_and(|()| magic == BURNPACK_MAGIC);
+        if is_burnpack {
+            return open_burnpack(path);
+        }
+        open_safetensors(path, name)
     }
 }

@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 use burn::store::burn_pack;
 use burn::store::{ModuleStore, PytorchStore};
 
-use super::{ShardInfo, Storage, format_error};
 use crate::checkpoint::error::CheckpointError;
-use crate::checkpoint::read::{Checkpoint, Data, Entry, Format, missing_from_shards, read_index};
+use crate::checkpoint::read::{
+    Checkpoint, Data, Entry, Format, ShardInfo, Storage, format_error, missing_from_shards,
+    read_index,
+};
 
 /// Tensors rebuilt by burn-store's PyTorch reader, each read when it is needed.
 struct Pytorch {

@@ -11,14 +11,15 @@ use std::sync::Arc;
 use memmap2::Mmap;
 use safetensors::tensor::{Metadata, SafeTensors, TensorInfo};
 
-use super::{Layout, ShardInfo, Storage, format_error, io};
 use crate::checkpoint::compute::Run;
 use crate::checkpoint::convert::{from_safetensors, to_safetensors};
 use crate::checkpoint::error::CheckpointError;
 use crate::checkpoint::fault::Registered;
+use crate::checkpoint::layout::Layout;
 use crate::checkpoint::plan::OutputTensor;
 use crate::checkpoint::read::{
-    Checkpoint, Data, Entry, Format, INDEX, SINGLE, missing_from_shards, read_index,
+    Checkpoint, Data, Entry, Format, INDEX, SINGLE, ShardInfo, Storage, format_error, io,
+    missing_from_shards, read_index,
 };
 
 /// One memory-mapped, validated safetensors file.
