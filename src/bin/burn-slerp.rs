@@ -418,13 +418,22 @@ fn show_downloads(quiet: bool) {
     });
 }
 
-/// What `--dry-run` would download from the Hub for the models named `specs` (those neither
-/// on disk nor in the cache), printed; whether anything is missing, in which case the merge
-/// cannot be planned without it.
-fn dry_run_downloads(specs: &[String]) -> Result<bool, Failure> {
+/// What comes before a merge is planned from the models named `specs`: with `--dry-run`, what
+/// would be downloaded from the Hub (those neither on disk nor in the cache), printed, and
+/// `true` when anything is missing (the merge cannot be planned without it); otherwise the
+/// downloads' progress is shown as they happen.
+fn before_planning(
+    specs: impl IntoIterator<Item = String>,
+    dry_run: bool,
+    quiet: bool,
+) -> Result<bool, Failure> {
+    if !dry_run {
+        show_downloads(quiet);
+        return Ok(false);
+    }
     let mut missing = false;
     for spec in specs {
-        let Some(list) = burn_slerp::checkpoint::hub::plan_download(spec)? else {
+        let Some(list) = burn_slerp::checkpoint::hub::plan_download(&spec)? else {
             continue;
         };
         missing |= !list.files.is_empty();
@@ -592,10 +601,9 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
             quiet,
         } => {
             let device = device(device_arg)?;
-            if dry_run && dry_run_downloads(&recipe_models(&recipe)?)? {
+            if before_planning(recipe_models(&recipe)?, dry_run, quiet)? {
                 return Ok(());
             }
-            show_downloads(quiet);
             let plan = plan_yaml(&recipe, exact)?;
             if let Some(path) = &report {
                 plan.check_side_output(path, &output)?;
@@ -673,12 +681,10 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
             options.out_dtype = out_dtype_of(out_dtype);
             options.tokenizer_source = tokenizer_of(tokenizer_source);
             options.cancel = Some(Arc::clone(&cancel));
-            let mut named: Vec<String> = inputs.iter().map(|p| p.display().to_string()).collect();
-            named.extend(options.base.iter().map(|p| p.display().to_string()));
-            if dry_run && dry_run_downloads(&named)? {
+            let named = inputs.iter().chain(&options.base);
+            if before_planning(named.map(|p| p.display().to_string()), dry_run, quiet)? {
                 return Ok(());
             }
-            show_downloads(quiet);
             let plan = FilePlan::mean(&inputs, &mean, &output, &options)?;
             if let Some(path) = &report {
                 plan.check_side_output(path)?;
@@ -809,12 +815,10 @@ fn run(cli: Cli, cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Resul
             options.cancel = Some(Arc::clone(&cancel));
             options.base = base;
             options.tokenizer_source = tokenizer_of(tokenizer_source);
-            let mut named = vec![a.display().to_string(), b.display().to_string()];
-            named.extend(options.base.iter().map(|p| p.display().to_string()));
-            if dry_run && dry_run_downloads(&named)? {
+            let named = [&a, &b].into_iter().chain(&options.base);
+            if before_planning(named.map(|p| p.display().to_string()), dry_run, quiet)? {
                 return Ok(());
             }
-            show_downloads(quiet);
             let plan = FilePlan::merge(&a, &b, &output, &options)?;
             if let Some(path) = &report {
                 plan.check_side_output(path)?;
