@@ -236,7 +236,12 @@ fn a_report_never_overwrites_an_input() {
     let (a, b, _, _) = fixture(&dir, 64);
     let before = std::fs::read(&a).unwrap();
     let fresh = dir.join("fresh.safetensors");
-    for (report, what) in [(&a, "an input"), (&fresh, "the output")] {
+    let nowhere = dir.join("absent").join("report.json");
+    for (report, what) in [
+        (&a, "an input"),
+        (&fresh, "the output"),
+        (&nowhere, "does not exist"),
+    ] {
         let o = bin()
             .args([
                 "merge",

@@ -481,8 +481,8 @@ fn check_weights(inputs: usize, mean: &SphericalMean) -> Result<(), CheckpointEr
     mean.validate(inputs).map_err(CheckpointError::Merge)
 }
 
-/// Refuses `path` for a further output (a report) where it names one of `inputs`' files or
-/// `out`.
+/// Refuses `path` for a further output (a report) where it names one of `inputs`' files,
+/// `out` or a folder, or where the folder it would go in does not exist.
 pub(crate) fn check_side_output(
     path: &Path,
     inputs: &[&Checkpoint],
@@ -514,6 +514,16 @@ pub(crate) fn check_side_output(
     }
     if path.is_dir() {
         return refuse("a folder");
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(CheckpointError::Output {
+            path: path.to_path_buf(),
+            reason: "the folder it would go in does not exist".into(),
+        });
     }
     Ok(())
 }
