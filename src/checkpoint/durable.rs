@@ -11,6 +11,14 @@ use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 
+/// The folder `path` is in (`.` for a bare name).
+pub(crate) fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
 /// Syncs a file's data and metadata to the disk.
 pub(crate) fn sync_file(file: &File) -> std::io::Result<()> {
     file.sync_all()

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use burn::tensor::DType;
 
 use super::convert::{label, to_safetensors};
+use super::durable::folder_of;
 use super::error::CheckpointError;
 use super::folder::{Card, ModelFiles, plan_model_files};
 use super::options::{FileMerge, OutDType, Pairing};
@@ -501,10 +502,7 @@ pub(crate) fn check_side_output(
         return refuse("an input");
     }
     let absolute = |p: &Path| {
-        let parent = std::fs::canonicalize(match p.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        });
+        let parent = std::fs::canonicalize(folder_of(p));
         parent
             .ok()
             .map(|d| d.join(p.file_name().unwrap_or_default()))
@@ -515,11 +513,7 @@ pub(crate) fn check_side_output(
     if path.is_dir() {
         return refuse("a folder");
     }
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !parent.is_dir() {
+    if !folder_of(path).is_dir() {
         return Err(CheckpointError::Output {
             path: path.to_path_buf(),
             reason: "the folder it would go in does not exist".into(),
@@ -544,11 +538,7 @@ pub(super) fn check_output(out: &Path, format: Format) -> Result<(), CheckpointE
             reason: reason.to_string(),
         })
     };
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !parent.is_dir() {
+    if !folder_of(out).is_dir() {
         return refuse("the folder it would go in does not exist");
     }
     if format == Format::Sharded && out.exists() {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::compute::{OnProgress, Run};
-use super::durable;
+use super::durable::{self, folder_of};
 use super::error::CheckpointError;
 use super::fault::Registered;
 use super::folder::write_model_files;
@@ -115,7 +115,7 @@ impl Temporary {
         }
         std::fs::rename(&self.path, out)?;
         self.published = true;
-        durable::sync_dir(parent(out))
+        durable::sync_dir(folder_of(out))
     }
 }
 
@@ -148,7 +148,7 @@ fn lock_fresh(path: &Path) -> std::io::Result<File> {
 /// run still going, and is left alone; links are never followed. Returns what was removed.
 pub(super) fn remove_stale(out: &Path) -> Vec<PathBuf> {
     let prefix = temp_prefix(out);
-    let Ok(entries) = std::fs::read_dir(parent(out)) else {
+    let Ok(entries) = std::fs::read_dir(folder_of(out)) else {
         return Vec::new();
     };
     let mut removed = Vec::new();
@@ -245,14 +245,6 @@ pub(super) fn write_small(path: &Path, bytes: &[u8]) -> Result<(), CheckpointErr
     durable::sync_file(&file).map_err(io)?;
     drop(file);
     temporary.publish(path).map_err(io)
-}
-
-/// The folder `path` is in.
-fn parent(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
 }
 
 /// Removes a temporary file or folder, whatever it holds.
